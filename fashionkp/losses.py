@@ -1,0 +1,63 @@
+"""CPN losses: weighted L2 on heatmaps, GlobalNet on every level, RefineNet with online hard keypoint mining."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fashionkp.models.cpn import CPNOutput
+
+
+@dataclass
+class LossConfig:
+    #: Extra weight on foreground pixels, (1 + pos_weight * target): without it the loss sits on the
+    #: all-background solution for a long time (see DESIGN.md, measured on CPU).
+    pos_weight: float = 20.0
+    #: Fraction of a sample's labelled keypoints kept by OHKM (M = ceil(ratio * K)); 1.0 = OHKM off.
+    ohkm_ratio: float = 0.5
+    #: Supervise every GlobalNet level (the paper) or only the finest (the seed).
+    global_all_levels: bool = True
+    global_weight: float = 1.0
+
+
+def per_keypoint_l2(pred: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """(N, K) mean over pixels of (1 + pos_weight * target) * (pred - target)^2."""
+    sq = (pred.float() - target) ** 2
+    if pos_weight:
+        sq = sq * (1.0 + pos_weight * target)
+    return sq.flatten(2).mean(2)
+
+
+def masked_mean(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def ohkm(loss: torch.Tensor, weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Mean of the top-M losses per sample among its labelled keypoints, M = ceil(ratio * labelled)."""
+    if ratio >= 1.0:
+        return masked_mean(loss, weight)
+    labelled = weight > 0
+    keep = torch.ceil(labelled.sum(1, keepdim=True).float() * ratio).clamp_min(1)
+    ranked = torch.where(labelled, loss, torch.full_like(loss, -math.inf))
+    order = ranked.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(loss.shape[1], device=loss.device).expand_as(order))
+    selected = (rank < keep) & labelled
+    return masked_mean(loss, selected.float())
+
+
+def cpn_loss(
+    output: CPNOutput,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    cfg: LossConfig,
+    target_global: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    target_global = target if target_global is None else target_global
+    levels = output.global_heatmaps if cfg.global_all_levels else output.global_heatmaps[:1]
+    global_loss = sum(masked_mean(per_keypoint_l2(h, target_global, cfg.pos_weight), weight) for h in levels)
+    global_loss = global_loss / len(levels)
+    refine_loss = ohkm(per_keypoint_l2(output.refine_heatmaps, target, cfg.pos_weight), weight, cfg.ohkm_ratio)
+    return {"loss": cfg.global_weight * global_loss + refine_loss, "global": global_loss, "refine": refine_loss}

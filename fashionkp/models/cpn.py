@@ -1,0 +1,130 @@
+"""Cascaded Pyramid Network (Chen et al., "Cascaded Pyramid Network for Multi-Person Pose
+Estimation", CVPR 2018) over any timm backbone.
+
+GlobalNet: FPN-like top-down pyramid over C2..C5 with a heatmap predictor on every level (all of them
+supervised). RefineNet: 0/1/2/3 bottlenecks on P2..P5, upsampling to the P2 grid, concatenation, a
+bottleneck and a predictor. ``refine_upsample="bilinear"`` is the paper's; ``"deconv"`` is the seed
+system's transposed convolutions (kernel 2f, stride f), kept so the two can be compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fashionkp.models.backbone import Backbone
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 1, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (1x1 -> 3x3 -> 1x1, residual), with a projection when widths differ."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        mid = max(cout // 2, 16)
+        self.body = nn.Sequential(conv_bn_relu(cin, mid, 1), conv_bn_relu(mid, mid, 3), conv_bn_relu(mid, cout, 1, relu=False))
+        self.skip = nn.Identity() if cin == cout else conv_bn_relu(cin, cout, 1, relu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
+def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    # align_corners=False keeps pixel centres consistent with the heatmap coordinate convention.
+    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class GlobalNet(nn.Module):
+    def __init__(self, in_channels: list[int], width: int, num_keypoints: int) -> None:
+        super().__init__()
+        self.laterals = nn.ModuleList(conv_bn_relu(c, width, 1, relu=False) for c in in_channels)
+        self.top_down = nn.ModuleList(conv_bn_relu(width, width, 1, relu=False) for _ in in_channels[1:])
+        self.predictors = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(width, width, 1), nn.Conv2d(width, num_keypoints, 3, padding=1))
+            for _ in in_channels
+        )
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Returns pyramid features P2..P5 and one heatmap per level, each at the P2 resolution."""
+        pyramid = [None] * len(feats)
+        top = self.laterals[-1](feats[-1])
+        pyramid[-1] = top
+        for i in range(len(feats) - 2, -1, -1):
+            top = self.laterals[i](feats[i]) + self.top_down[i](upsample_to(top, feats[i]))
+            pyramid[i] = top
+        pyramid = [F.relu(p) for p in pyramid]
+        heatmaps = [upsample_to(pred(p), pyramid[0]) for pred, p in zip(self.predictors, pyramid, strict=True)]
+        return pyramid, heatmaps
+
+
+class RefineNet(nn.Module):
+    def __init__(self, levels: int, width: int, num_keypoints: int, upsample: str = "bilinear") -> None:
+        super().__init__()
+        if upsample not in ("bilinear", "deconv"):
+            raise ValueError(f"refine_upsample must be bilinear or deconv, not {upsample!r}")
+        self.upsample = upsample
+        self.branches = nn.ModuleList(nn.Sequential(*[Bottleneck(width, width) for _ in range(i)]) for i in range(levels))
+        if upsample == "deconv":
+            factors = [2**i for i in range(levels)]
+            self.deconvs = nn.ModuleList(
+                nn.Identity() if f == 1 else nn.ConvTranspose2d(width, width, 2 * f, stride=f, padding=f // 2)
+                for f in factors
+            )
+        self.fuse = Bottleneck(levels * width, width)
+        self.predictor = nn.Conv2d(width, num_keypoints, 3, padding=1)
+
+    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        ups = []
+        for i, (branch, p) in enumerate(zip(self.branches, pyramid, strict=True)):
+            x = branch(p)
+            if self.upsample == "deconv":
+                x = self.deconvs[i](x)
+            ups.append(upsample_to(x, pyramid[0]) if x.shape[-2:] != pyramid[0].shape[-2:] else x)
+        return self.predictor(self.fuse(torch.cat(ups, dim=1)))
+
+
+@dataclass
+class CPNOutput:
+    #: One (N, K, H/4, W/4) heatmap per pyramid level (P2..P5), all at stride 4.
+    global_heatmaps: list[torch.Tensor]
+    #: (N, K, H/4, W/4) RefineNet heatmaps: the model's prediction.
+    refine_heatmaps: torch.Tensor
+
+
+class CPN(nn.Module):
+    stride = 4
+
+    def __init__(
+        self, backbone: Backbone, num_keypoints: int, width: int = 256, refine_upsample: str = "bilinear"
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_keypoints = num_keypoints
+        self.global_net = GlobalNet(backbone.channels, width, num_keypoints)
+        self.refine_net = RefineNet(len(backbone.channels), width, num_keypoints, refine_upsample)
+
+    def forward(self, images: torch.Tensor) -> CPNOutput:
+        """``images``: (N, 3, H, W) RGB 0..255 floats, H and W multiples of 32."""
+        pyramid, global_heatmaps = self.global_net(self.backbone(images))
+        return CPNOutput(global_heatmaps, self.refine_net(pyramid))
+
+
+class HeatmapModel(nn.Module):
+    """Plain ``images -> refine heatmaps`` view of a CPN, for inference, tracing and ONNX export."""
+
+    def __init__(self, cpn: CPN) -> None:
+        super().__init__()
+        self.cpn = cpn
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pyramid, _ = self.cpn.global_net(self.cpn.backbone(images))
+        return self.cpn.refine_net(pyramid)
