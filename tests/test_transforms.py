@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from fashionkp.keypoints import channels_for
+from fashionkp.transforms import (
+    AugmentConfig,
+    apply_affine,
+    augment_matrix,
+    invert_affine,
+    letterbox_matrix,
+    random_matrix,
+    transform_keypoints,
+    warp_image,
+)
+
+
+def test_letterbox_maps_the_image_frame_onto_the_input():
+    m = letterbox_matrix(300, 600, 256)
+    # image edges (-0.5 .. W-0.5) land on input edges (-0.5 .. 255.5)
+    assert np.allclose(apply_affine(np.array([[-0.5, -0.5], [599.5, 299.5]]), m), [[-0.5, -0.5], [255.5, 127.5]])
+
+
+def test_flipped_rotated_sample_round_trips_to_the_original_points():
+    rng = np.random.default_rng(3)
+    kp = np.zeros((24, 3))
+    kp[:, :2] = rng.uniform(50, 250, (24, 2))
+    kp[:, 2] = 1
+    m = augment_matrix(300, 280, 256, rotation_deg=25, scale=0.9, translate=(0.03, -0.02), flip=True)
+    out = transform_keypoints(kp, m, True, "all", 256)
+    from fashionkp.keypoints import FLIP_INDEX
+
+    flip = list(FLIP_INDEX)
+    back = apply_affine(out[:, :2], invert_affine(m))[flip]
+    assert np.allclose(back, kp[:, :2], atol=1e-9)
+    # the left point lies left of its right twin again after flipping an upright garment
+    upright = np.zeros((24, 3))
+    upright[:, 2] = 1
+    upright[:, 0] = [100 if "left" in n else 200 if "right" in n else 150 for n in _names()]
+    upright[:, 1] = 150
+    flipped = transform_keypoints(upright, augment_matrix(300, 300, 256, flip=True), True, "all", 256)
+    for i, n in enumerate(_names()):
+        if "left" in n:
+            assert flipped[i, 0] < 128 - 1e-6 < flipped[list(FLIP_INDEX)[i], 0]
+
+
+def _names():
+    from fashionkp.keypoints import KEYPOINT_NAMES
+
+    return KEYPOINT_NAMES
+
+
+def test_warp_and_points_stay_aligned():
+    ys, xs = np.mgrid[0:120, 0:160]
+    blob = 255 * np.exp(-((xs - 40.3) ** 2 + (ys - 60.7) ** 2) / (2 * 4.0**2))  # a smooth blob at (40.3, 60.7)
+    image = np.repeat(blob[:, :, None], 3, axis=2).round().astype(np.uint8)
+    m = augment_matrix(120, 160, 128, rotation_deg=30, scale=1.0)
+    out = warp_image(image, m, 128).astype(float)[..., 0] - warp_image(0 * image, m, 128).astype(float)[..., 0]
+    ys, xs = np.mgrid[0:128, 0:128]
+    centroid = np.array([(out * xs).sum(), (out * ys).sum()]) / out.sum()
+    assert np.allclose(centroid, apply_affine(np.array([40.3, 60.7]), m), atol=0.05)
+
+
+def test_points_pushed_outside_lose_their_weight():
+    kp = np.array([[10.0, 10.0, 1.0], [150.0, 100.0, 0.0]] + [[np.nan, np.nan, -1.0]] * 2)
+    m = augment_matrix(200, 200, 64, translate=(-0.45, 0.0))
+    out = transform_keypoints(kp, m, False, "skirt", 64)
+    assert out[0, 2] == -1 and np.isnan(out[0, 0]) and out[1, 2] == 0
+
+
+def test_random_matrices_are_reproducible():
+    cfg = AugmentConfig()
+    a = random_matrix(np.random.default_rng(5), 100, 80, 64, cfg)
+    b = random_matrix(np.random.default_rng(5), 100, 80, 64, cfg)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
