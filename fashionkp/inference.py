@@ -152,7 +152,7 @@ class KeypointPredictor:
             )
             self.members.append(Member(runner, float(weight)))
         self.flip_test, self.scales, self.decoder = flip_test, tuple(scales), decoder
-        self.decode_sigma = decode_sigma or self.members[0].runner.decode_sigma
+        self.decode_sigma = decode_sigma
 
     @property
     def categories(self) -> list[str]:
@@ -195,12 +195,15 @@ class KeypointPredictor:
         for category in dict.fromkeys(categories):
             idx = [i for i, c in enumerate(categories) if c == category]
             members = self.members_for(category)
-            grid = max(int(round(m.runner.input_size * max(self.scales) / 32)) * 32 for m in members) // STRIDE
+            finest = max(members, key=lambda m: m.runner.input_size)
+            grid = int(round(finest.runner.input_size * max(self.scales) / 32)) * 32 // STRIDE
+            # The decoding blur is in heatmap pixels of the grid decoded on: the finest member's.
+            sigma = self.decode_sigma or finest.runner.decode_sigma
             subset = [images[i] for i in idx]
             heatmaps = sum(m.weight * self._member_heatmaps(m, subset, grid) for m in members)
             heatmaps = heatmaps / sum(m.weight for m in members)
             own = list(CATEGORY_KEYPOINTS[category])
-            coords, scores = decode(heatmaps[:, own], self.decoder, self.decode_sigma)
+            coords, scores = decode(heatmaps[:, own], self.decoder, sigma)
             for row, i in enumerate(idx):
                 h, w = images[i].shape[:2]
                 m = letterbox_matrix(h, w, grid * STRIDE)

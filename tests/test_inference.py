@@ -1,0 +1,145 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT
+from fashionkp.cli import main as cli
+from fashionkp.evaluate import evaluate
+from fashionkp.fashionai import read_csv
+from fashionkp.inference import CheckpointError, KeypointPredictor, load_module
+from fashionkp.keypoints import CATEGORY_KEYPOINTS
+from fashionkp.predict import predict
+
+
+def _compose(name: str, overrides: list[str]):
+    import fashionkp.train  # noqa: F401  (resolvers)
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def test_python_api_gives_points_in_original_pixels(tiny_checkpoints, synth_data):
+    predictor = KeypointPredictor([tiny_checkpoints["a"]], device="cpu")
+    record = read_csv(synth_data["answers"])[0]
+    points = predictor.predict(record.image_path, record.category)
+    own = list(CATEGORY_KEYPOINTS[record.category])
+    assert points.shape == (24, 3)
+    assert np.isfinite(points[own]).all() and np.isnan(np.delete(points, own, axis=0)).all()
+    from fashionkp.images import load_image
+
+    h, w = load_image(record.image_path).shape[:2]
+    assert (points[own, 0] >= 0).all() and (points[own, 0] <= w - 1).all() and (points[own, 1] <= h - 1).all()
+    assert predictor.categories == list(CATEGORY_KEYPOINTS)
+
+
+def test_predict_writes_a_submission_that_score_reads_and_evaluate_agrees(tiny_checkpoints, synth_data, tmp_path, capsys):
+    ckpt = str(tiny_checkpoints["a"])
+    cfg = _compose("predict", [f"checkpoints=[{ckpt}]", f"test_csv={synth_data['test_csv']}",
+                               f"output_dir={tmp_path / 'pred'}", "num_workers=0", "draw=4"])  # fmt: skip
+    summary = predict(cfg)
+    assert summary["images"] == 10 and summary["failed"] == 0
+    assert Path(summary["drawn"]).is_file()
+    capsys.readouterr()
+    assert cli(["score", str(synth_data["answers"]), summary["submission"], "--json", str(tmp_path / "s.json")]) == 0
+    scored = json.loads((tmp_path / "s.json").read_text())["ne"]
+    ev = _compose("evaluate", [f"checkpoints=[{ckpt}]", f"data.root={synth_data['answers']}", "split=all",
+                               f"output_dir={tmp_path / 'eval'}", "num_workers=0", "draw_worst=2"])  # fmt: skip
+    result = evaluate(ev)
+    assert result.ne == pytest.approx(scored, abs=1e-6)
+    for name in ("metrics.json", "ne_per_keypoint.png", "worst.jpg", "predictions.csv"):
+        assert (tmp_path / "eval" / name).is_file()
+
+
+def test_flip_test_and_ensembles_of_different_sizes(tiny_checkpoints, synth_data):
+    records = read_csv(synth_data["answers"])
+    from fashionkp.images import load_image
+
+    images, cats = [load_image(r.image_path) for r in records], [r.category for r in records]
+    a, b = tiny_checkpoints["a"], tiny_checkpoints["b"]
+    assert load_module(a).hparams.input_size != load_module(b).hparams.input_size
+    plain = KeypointPredictor([a], device="cpu", flip_test=False).predict_batch(images, cats)
+    flipped = KeypointPredictor([a], device="cpu", flip_test=True).predict_batch(images, cats)
+    assert not np.allclose(plain, flipped, equal_nan=True)
+    twice = KeypointPredictor([a, a], device="cpu").predict_batch(images, cats)
+    assert np.allclose(twice, flipped, equal_nan=True)  # averaging identical members changes nothing
+    alone_b = KeypointPredictor([b], device="cpu").predict_batch(images, cats)
+    # b has the finer grid, so the ensemble decodes on b's grid: a zero weight on a removes it exactly
+    only_b = KeypointPredictor([a, b], weights=[0.0, 1.0], device="cpu").predict_batch(images, cats)
+    assert np.allclose(only_b, alone_b, equal_nan=True)
+    both = KeypointPredictor([a, b], device="cpu").predict_batch(images, cats)
+    assert not np.allclose(both, alone_b, equal_nan=True)
+    multi = KeypointPredictor([a], device="cpu", scales=[1.0, 1.5]).predict_batch(images, cats)
+    assert np.isfinite(multi[0, list(CATEGORY_KEYPOINTS[cats[0]])]).all()
+
+
+def test_onnx_export_matches_pytorch(tiny_checkpoints, synth_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    assert cli(["export", str(tiny_checkpoints["a"]), str(out)]) == 0
+    from fashionkp.inference import OnnxHeatmapRunner, TorchHeatmapRunner
+
+    images = (np.random.default_rng(0).random((3, 3, 64, 64)) * 255).astype(np.float32)
+    torch_hm = TorchHeatmapRunner(tiny_checkpoints["a"], torch.device("cpu"))(images)
+    onnx_hm = OnnxHeatmapRunner(out)(images)  # batch of 3 through a graph traced with batch 1
+    assert torch.allclose(torch_hm, onnx_hm, atol=1e-4)
+    records = read_csv(synth_data["answers"])
+    from fashionkp.images import load_image
+
+    imgs, cats = [load_image(r.image_path) for r in records], [r.category for r in records]
+    p_torch = KeypointPredictor([tiny_checkpoints["a"]], device="cpu").predict_batch(imgs, cats)
+    p_onnx = KeypointPredictor([out]).predict_batch(imgs, cats)
+    assert np.allclose(p_torch[..., :2], p_onnx[..., :2], atol=0.05, equal_nan=True)
+
+
+def test_bad_inputs_are_reported_not_fatal(tiny_checkpoints, synth_data, tmp_path):
+    broken = tmp_path / "split"
+    broken.mkdir()
+    rows = read_csv(synth_data["test_csv"])[:3]
+    lines = ["image_id,image_category"] + [f"{r.image_path},{r.category}" for r in rows]
+    lines.append(f"{tmp_path / 'missing.jpg'},skirt")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    lines.append(f"{tmp_path / 'corrupt.jpg'},dress")
+    (broken / "test.csv").write_text("\n".join(lines) + "\n")
+    cfg = _compose("predict", [f"checkpoints=[{tiny_checkpoints['a']}]", f"test_csv={broken / 'test.csv'}",
+                               f"output_dir={tmp_path / 'out'}", "num_workers=0", "draw=0"])  # fmt: skip
+    summary = predict(cfg)
+    assert summary["images"] == 3 and summary["failed"] == 2
+    assert any("missing.jpg" in f for f in summary["failures"]) and any("corrupt.jpg" in f for f in summary["failures"])
+    assert len(Path(summary["submission"]).read_text().splitlines()) == 4
+
+
+def test_checkpoint_errors_are_clear(tiny_checkpoints, tmp_path, synth_data):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(tiny_checkpoints["a"].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated.ckpt: cannot read checkpoint"):
+        KeypointPredictor([truncated])
+    with pytest.raises(CheckpointError, match="not found"):
+        KeypointPredictor([tmp_path / "none.ckpt"])
+    with pytest.raises(ValueError, match="2 ensemble weights for 1 checkpoints"):
+        KeypointPredictor([tiny_checkpoints["a"]], weights=[1, 2])
+
+
+def test_a_garment_model_refuses_other_garments(synth_data, tmp_path):
+    from conftest import TINY, compose_train
+    from fashionkp.train import train
+
+    cfg = compose_train([*TINY, "debug=fdr", "clothes=skirt", f"data.root={synth_data['train']}",
+                         "callbacks.model_checkpoint.dirpath=" + str(tmp_path)], tmp_path)  # fmt: skip
+    train(cfg)
+    import pytorch_lightning as pl  # fast_dev_run writes no checkpoint: save one by hand
+
+    from fashionkp.train import build_datamodule
+
+    module = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.model, _recursive_=False)
+    trainer = pl.Trainer(max_steps=0, logger=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=build_datamodule(cfg))
+    trainer.save_checkpoint(tmp_path / "skirt.ckpt")
+    predictor = KeypointPredictor([tmp_path / "skirt.ckpt"], device="cpu")
+    assert predictor.categories == ["skirt"]
+    record = next(r for r in read_csv(synth_data["answers"]) if r.category == "dress")
+    with pytest.raises(ValueError, match=r"no model for garment type 'dress'.*\['skirt'\]"):
+        predictor.predict(record.image_path, "dress")
