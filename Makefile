@@ -39,6 +39,7 @@ bench: $(STAMP) ## all benchmarks, briefly (prints medians and ratios)
 	$(PY) benchmarks/bench_decoding.py --quick
 	$(PY) benchmarks/bench_data.py --quick
 	$(PY) benchmarks/bench_inference.py --quick
+	$(PY) benchmarks/bench_train_step.py --quick
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -44,7 +44,10 @@ class NEReport(pl.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "ne": result.ne}
         _append(self.out_dir / "val_ne.csv", {**row, **{c: result.per_category.get(c, "") for c in CATEGORIES}})
-        _append(self.out_dir / "val_ne_keypoints.csv", {**row, **{k: result.per_keypoint.get(k, "") for k in KEYPOINT_NAMES}})
+        _append(
+            self.out_dir / "val_ne_keypoints.csv",
+            {**row, **{k: result.per_keypoint.get(k, "") for k in KEYPOINT_NAMES}},
+        )
         (self.out_dir / "val_ne_last.json").write_text(json.dumps({**row, **result.as_dict()}, indent=2))
 
 

@@ -21,10 +21,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     submission = read_submission(args.submission)
     missing = [r.image_id for r in answers if r.image_id not in submission]
     if missing:
-        raise FashionAIFormatError(f"{args.submission}: no prediction for {len(missing)} images of {args.answers} (first: {missing[0]})")
+        raise FashionAIFormatError(
+            f"{args.submission}: no prediction for {len(missing)} images of {args.answers} (first: {missing[0]})"
+        )
     for r in answers:
         if submission[r.image_id][0] != r.category:
-            raise FashionAIFormatError(f"{args.submission}: {r.image_id} has category {submission[r.image_id][0]}, the answers say {r.category}")
+            raise FashionAIFormatError(
+                f"{args.submission}: {r.image_id} has category {submission[r.image_id][0]}, "
+                f"the answers say {r.category}"
+            )
     pred = np.stack([submission[r.image_id][1] for r in answers])
     result = normalized_error(pred, keypoints_array(answers), [r.category for r in answers])
     print(result.table())

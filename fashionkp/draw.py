@@ -62,7 +62,9 @@ def grid_sheet(images: Sequence[np.ndarray], columns: int = 4, tile: int = 256) 
     sheet = np.full((rows * tile, columns * tile, 3), 255, np.uint8)
     for n, img in enumerate(images):
         s = tile / max(img.shape[:2])
-        small = cv2.resize(img, (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            img, (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))), interpolation=cv2.INTER_AREA
+        )
         r, c = divmod(n, columns)
         sheet[r * tile : r * tile + small.shape[0], c * tile : c * tile + small.shape[1]] = small
     return sheet

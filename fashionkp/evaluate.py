@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fashionkp.dataset import split_records
 from fashionkp.draw import draw_keypoints, grid_sheet, plot_bars, save_image, side_by_side
-from fashionkp.fashionai import keypoints_array, read_splits
+from fashionkp.fashionai import keypoints_array, read_splits, write_annotations
 from fashionkp.images import load_image
 from fashionkp.metric import NEResult, normalized_error, point_errors
 from fashionkp.predict import predictor_from_cfg, run_on_files
@@ -38,7 +38,9 @@ def evaluate(cfg: DictConfig) -> NEResult:
     if not records:
         raise ValueError(f"no records to evaluate in {root} (split={cfg.split})")
     cats = [r.category for r in records]
-    points, failures, _ = run_on_files(predictor, [r.image_path for r in records], cats, cfg.batch_size, cfg.num_workers)
+    points, failures, _ = run_on_files(
+        predictor, [r.image_path for r in records], cats, cfg.batch_size, cfg.num_workers
+    )
     ok = ~np.isnan(points[:, :, 0]).all(1)
     records = [r for r, k in zip(records, ok, strict=True) if k]
     cats = [r.category for r in records]
@@ -54,6 +56,12 @@ def evaluate(cfg: DictConfig) -> NEResult:
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     plot_bars(result.per_keypoint, out_dir / "ne_per_keypoint.png", f"NE per keypoint (overall {100 * result.ne:.2f}%)")
     write_submission(out_dir / "predictions.csv", [r.image_id for r in records], cats, pred)
+    # The evaluated images as a FashionAI test list and its answers: predict.py test_csv=... image_root=<split>
+    # then `fashionkp score answers.csv submission.csv` checks a whole prediction run on held-out data.
+    write_annotations(records, out_dir / "answers.csv")
+    (out_dir / "test.csv").write_text(
+        "image_id,image_category\n" + "".join(f"{r.image_id},{r.category}\n" for r in records)
+    )
     if cfg.draw_worst:
         errors, counted, _ = point_errors(np.nan_to_num(pred, nan=-1.0), gt, cats)
         per_image = errors.sum(1) / np.maximum(counted.sum(1), 1)

@@ -56,9 +56,7 @@ def find_annotation_csv(split: Path) -> Path:
     for candidate in CSV_CANDIDATES:
         if (split / candidate).is_file():
             return split / candidate
-    raise FileNotFoundError(
-        f"no annotation CSV in {split}; looked for {', '.join(CSV_CANDIDATES)}"
-    )
+    raise FileNotFoundError(f"no annotation CSV in {split}; looked for {', '.join(CSV_CANDIDATES)}")
 
 
 def parse_cell(cell: str, where: str) -> tuple[float, float, float]:
@@ -103,7 +101,9 @@ def read_csv(
         if header is None:
             raise FashionAIFormatError(f"{csv_path}: empty CSV (no header)")
         if [h.strip() for h in header[:2]] != ["image_id", "image_category"]:
-            raise FashionAIFormatError(f"{csv_path}:1: header must start with image_id,image_category, got {header[:2]}")
+            raise FashionAIFormatError(
+                f"{csv_path}:1: header must start with image_id,image_category, got {header[:2]}"
+            )
         for line, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
                 continue
@@ -127,10 +127,7 @@ def read_csv(
             keypoints = None
             if len(row) == len(HEADER):
                 keypoints = np.array(
-                    [
-                        parse_cell(cell, f"{csv_path}:{line}, column {HEADER[j + 2]}")
-                        for j, cell in enumerate(row[2:])
-                    ],
+                    [parse_cell(cell, f"{csv_path}:{line}, column {HEADER[j + 2]}") for j, cell in enumerate(row[2:])],
                     dtype=np.float32,
                 )
             path = image_root / image_id
@@ -143,9 +140,7 @@ def read_csv(
     if missing:
         log.warning("%s: skipped %d rows whose image is missing (first: %s)", csv_path, len(missing), missing[0])
     if not records:
-        raise FashionAIFormatError(
-            f"{csv_path}: no records" + (f" for categories {sorted(wanted)}" if wanted else "")
-        )
+        raise FashionAIFormatError(f"{csv_path}: no records" + (f" for categories {sorted(wanted)}" if wanted else ""))
     return records
 
 
@@ -162,8 +157,7 @@ def read_splits(
     categories = list(categories) if categories is not None else None
     records: list[Record] = []
     for split in splits:
-        records.extend(read_csv(find_annotation_csv(Path(split)), categories=categories,
-                                missing_images=missing_images))
+        records.extend(read_csv(find_annotation_csv(Path(split)), categories=categories, missing_images=missing_images))
     ids = [r.image_id for r in records]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -192,7 +186,5 @@ def write_annotations(records: Sequence[Record], csv_path: Path | str) -> None:
         writer = csv.writer(f)
         writer.writerow(HEADER)
         for r in records:
-            cells = [
-                "-1_-1_-1" if kp[2] < 0 else format_cell(kp[0], kp[1], int(kp[2])) for kp in r.keypoints
-            ]
+            cells = ["-1_-1_-1" if kp[2] < 0 else format_cell(kp[0], kp[1], int(kp[2])) for kp in r.keypoints]
             writer.writerow([r.image_id, r.category, *cells])

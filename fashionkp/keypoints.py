@@ -6,7 +6,7 @@ is derived from the tables in this module.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -94,14 +94,14 @@ def check_category(category: str, allow_all: bool = False) -> str:
     return category
 
 
-@lru_cache(maxsize=None)
+@cache
 def channels_for(clothes: str) -> tuple[int, ...]:
     """Global keypoint indices predicted by a model trained for ``clothes`` (a category or 'all')."""
     check_category(clothes, allow_all=True)
     return tuple(range(NUM_KEYPOINTS)) if clothes == ALL else CATEGORY_KEYPOINTS[clothes]
 
 
-@lru_cache(maxsize=None)
+@cache
 def flip_permutation(clothes: str) -> tuple[int, ...]:
     """Channel permutation that swaps left/right twins within a model's own channel list."""
     channels = channels_for(clothes)

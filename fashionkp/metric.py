@@ -89,7 +89,9 @@ def _summarise(err_sum: np.ndarray, count: np.ndarray, skipped: int) -> NEResult
         counted=int(total),
         skipped=int(skipped),
         per_category={c: float(err_sum[i].sum() / cat_counts[i]) for i, c in enumerate(CATEGORIES) if cat_counts[i]},
-        per_keypoint={k: float(err_sum[:, j].sum() / kp_counts[j]) for j, k in enumerate(KEYPOINT_NAMES) if kp_counts[j]},
+        per_keypoint={
+            k: float(err_sum[:, j].sum() / kp_counts[j]) for j, k in enumerate(KEYPOINT_NAMES) if kp_counts[j]
+        },
         counted_per_category={c: int(cat_counts[i]) for i, c in enumerate(CATEGORIES) if cat_counts[i]},
     )
 

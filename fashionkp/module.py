@@ -43,10 +43,19 @@ class CPNModule(pl.LightningModule):
         backbone, loss, optimizer, scheduler = map(_plain, (backbone, loss, optimizer, scheduler))
         self.save_hyperparameters(
             dict(
-                clothes=check_category(clothes, allow_all=True), backbone=backbone, input_size=input_size,
-                width=width, refine_upsample=refine_upsample, loss=loss or {}, optimizer=optimizer,
-                scheduler=scheduler, scheduler_interval=scheduler_interval, decoder=decoder,
-                decode_sigma=decode_sigma, flip_test=flip_test, channels_last=channels_last,
+                clothes=check_category(clothes, allow_all=True),
+                backbone=backbone,
+                input_size=input_size,
+                width=width,
+                refine_upsample=refine_upsample,
+                loss=loss or {},
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scheduler_interval=scheduler_interval,
+                decoder=decoder,
+                decode_sigma=decode_sigma,
+                flip_test=flip_test,
+                channels_last=channels_last,
             )  # fmt: skip
         )
         self.channels = list(channels_for(clothes))
@@ -92,7 +101,9 @@ class CPNModule(pl.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = cpn_loss(self(batch["image"]), batch["target"], batch["weight"], self.loss_cfg, batch.get("target_global"))
+        losses = cpn_loss(
+            self(batch["image"]), batch["target"], batch["weight"], self.loss_cfg, batch.get("target_global")
+        )
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["image"]))
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=len(batch["image"]))
         return losses["loss"]

@@ -110,7 +110,7 @@ def predict(cfg: DictConfig) -> dict:
     predictor = predictor_from_cfg(cfg)
     summary: dict = {"output_dir": str(out_dir)}
     if cfg.test_csv:
-        records = read_csv(cfg.test_csv, missing_images="ignore")
+        records = read_csv(cfg.test_csv, image_root=cfg.get("image_root"), missing_images="ignore")
         unsupported = sorted({r.category for r in records} - set(predictor.categories))
         if unsupported:
             raise ValueError(f"{cfg.test_csv} has garment types {unsupported} that no checkpoint was trained for")
@@ -134,12 +134,23 @@ def predict(cfg: DictConfig) -> dict:
         for path, pts in zip(paths, points, strict=True):
             if np.isnan(pts[own, 0]).any():
                 continue
-            rows.append({"image": str(path), "category": category,
-                         "keypoints": {KEYPOINT_NAMES[k]: [float(pts[k, 0]), float(pts[k, 1]), float(pts[k, 2])] for k in own}})
+            rows.append(
+                {
+                    "image": str(path),
+                    "category": category,
+                    "keypoints": {
+                        KEYPOINT_NAMES[k]: [float(pts[k, 0]), float(pts[k, 1]), float(pts[k, 2])] for k in own
+                    },
+                }
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "points.json").write_text(json.dumps(rows, indent=1))
         with (out_dir / "points.csv").open("w") as f:
-            f.write("image,category," + ",".join(f"{KEYPOINT_NAMES[k]}_{a}" for k in own for a in ("x", "y", "score")) + "\n")
+            f.write(
+                "image,category,"
+                + ",".join(f"{KEYPOINT_NAMES[k]}_{a}" for k in own for a in ("x", "y", "score"))
+                + "\n"
+            )
             for row in rows:
                 values = [f"{v:.2f}" for k in own for v in row["keypoints"][KEYPOINT_NAMES[k]]]
                 f.write(f"{row['image']},{category}," + ",".join(values) + "\n")

@@ -9,11 +9,15 @@ import yaml
 
 
 def collect(root: Path | str) -> list[dict]:
-    """One row per run folder under ``root`` that holds ``result.json``: its overrides and NE figures."""
+    """One row per run folder under ``root``: training runs (``result.json``) and evaluate.py runs
+    (``metrics.json``), with their overrides and NE figures."""
     rows = []
-    for result_file in sorted(Path(root).rglob("result.json")):
+    files = sorted([*Path(root).rglob("result.json"), *Path(root).rglob("metrics.json")])
+    for result_file in files:
         run = result_file.parent
         result = json.loads(result_file.read_text())
+        if result_file.name == "metrics.json":
+            result = {"val_ne": result["ne"], "per_category": result["per_category"]}
         overrides_file = run / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
         best_file = run / "val_ne_best.json"
@@ -22,7 +26,7 @@ def collect(root: Path | str) -> list[dict]:
             "run": str(run.relative_to(root)) if run != Path(root) else run.name,
             "overrides": " ".join(o for o in overrides if not o.startswith(("data.root", "paths."))),
             "ne": best.get("ne", result.get("best_val_ne", result.get("val_ne"))),
-            "per_category": best.get("per_category", {}),
+            "per_category": best.get("per_category", result.get("per_category", {})),
             "steps": result.get("global_step"),
         })  # fmt: skip
     return rows

@@ -12,9 +12,7 @@ from fashionkp.fashionai import HEADER, FashionAIFormatError, format_cell, parse
 from fashionkp.keypoints import CATEGORY_KEYPOINTS, NUM_KEYPOINTS, check_category
 
 
-def write_submission(
-    path: Path | str, image_ids: Sequence[str], categories: Sequence[str], points: np.ndarray
-) -> Path:
+def write_submission(path: Path | str, image_ids: Sequence[str], categories: Sequence[str], points: np.ndarray) -> Path:
     """Write predictions ``points`` (N, 24, 2+) in original pixels; only each image's own points are written."""
     path = Path(path)
     points = np.asarray(points)

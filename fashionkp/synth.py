@@ -153,7 +153,12 @@ def render(rng: np.random.Generator, category: str, max_side: int = 256) -> Synt
         rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) * scale
         shift = np.array([w / 2, h / 2]) + rng.uniform(-0.1, 0.1, 2) * np.array([w, h])
         placed = (canon - centre) @ rot.T + shift
-        if (placed[:, 0] >= 1).all() and (placed[:, 0] <= w - 2).all() and (placed[:, 1] >= 1).all() and (placed[:, 1] <= h - 2).all():
+        if (
+            (placed[:, 0] >= 1).all()
+            and (placed[:, 0] <= w - 2).all()
+            and (placed[:, 1] >= 1).all()
+            and (placed[:, 1] <= h - 2).all()
+        ):
             break
     kp_xy = dict(zip(names, placed[: len(names)], strict=True))
     polygon = placed[len(names) :]
@@ -193,8 +198,14 @@ def _write_split(out: Path, split: str, n_per_category: int, seed: int, max_side
     return records
 
 
-def generate(out_dir: Path | str, n_per_category: int = 100, n_test_per_category: int | None = None,
-             seed: int = 0, max_side: int = 256, progress: bool = True) -> dict[str, Path]:
+def generate(
+    out_dir: Path | str,
+    n_per_category: int = 100,
+    n_test_per_category: int | None = None,
+    seed: int = 0,
+    max_side: int = 256,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Write ``out_dir/train`` (Annotations/annotations.csv + Images/<category>/*.jpg) and ``out_dir/test``
     (test.csv with image_id,image_category, its images, and the answers in answers.csv)."""
     out = Path(out_dir)
@@ -208,5 +219,9 @@ def generate(out_dir: Path | str, n_per_category: int = 100, n_test_per_category
     with (out / "test" / "test.csv").open("w") as f:
         f.write("image_id,image_category\n")
         f.writelines(f"{r.image_id},{r.category}\n" for r in test)
-    return {"train": out / "train", "test": out / "test", "test_csv": out / "test" / "test.csv",
-            "answers": out / "test" / "answers.csv"}
+    return {
+        "train": out / "train",
+        "test": out / "test",
+        "test_csv": out / "test" / "test.csv",
+        "answers": out / "test" / "answers.csv",
+    }

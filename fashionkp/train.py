@@ -26,7 +26,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def build_datamodule(cfg: DictConfig) -> FashionAIDataModule:
     d, aug = cfg.data, cfg.augmentation
     augment = (
-        AugmentConfig(rotation=aug.rotation, scale=tuple(aug.scale), translate=aug.translate, flip=aug.flip, color=aug.color)
+        AugmentConfig(
+            rotation=aug.rotation, scale=tuple(aug.scale), translate=aug.translate, flip=aug.flip, color=aug.color
+        )
         if aug.enabled
         else None
     )
@@ -35,7 +37,7 @@ def build_datamodule(cfg: DictConfig) -> FashionAIDataModule:
         val_root=OmegaConf.to_container(d.val_root) if OmegaConf.is_list(d.val_root) else d.val_root,
         val_fraction=d.val_fraction, val_salt=d.val_salt, batch_size=d.batch_size, num_workers=d.num_workers,
         missing_images=d.missing_images, limit_train=d.limit_train, seed=cfg.seed, augment=augment,
-        targets=TargetConfig(sigma=cfg.heatmap.sigma, global_sigma=cfg.heatmap.global_sigma, include_occluded=d.include_occluded),
+        targets=TargetConfig(cfg.heatmap.sigma, cfg.heatmap.global_sigma, include_occluded=d.include_occluded),
     )  # fmt: skip
     return FashionAIDataModule(data_cfg, cfg.clothes.name, cfg.resolution)
 
@@ -44,13 +46,15 @@ def hydra_choices() -> dict[str, str]:
     """The config-group choices of this run (clothes=dress, backbone=resnet50, ...), when under Hydra."""
     if not HydraConfig.initialized():
         return {}
-    return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None and not k.startswith("hydra")}
+    return {
+        k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None and not k.startswith("hydra")
+    }
 
 
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
     choices = hydra_choices()
-    for name, logger_cfg in (cfg.get("logger") or {}).items():
+    for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg is None or "_target_" not in logger_cfg:
             continue
         if "Wandb" in logger_cfg._target_:
@@ -81,7 +85,9 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "choices": hydra_choices()})
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
@@ -97,9 +103,13 @@ def train(cfg: DictConfig) -> dict:
         best_result = module.last_val_result
         result["best_val_ne"] = best_result.ne
         if trainer.is_global_zero:
-            (output_dir / "val_ne_best.json").write_text(json.dumps({"checkpoint": best, **best_result.as_dict()}, indent=2))
+            (output_dir / "val_ne_best.json").write_text(
+                json.dumps({"checkpoint": best, **best_result.as_dict()}, indent=2)
+            )
     if trainer.is_global_zero:
-        log.info("validation NE %.4f%% (best checkpoint: %s)", 100 * result.get("best_val_ne", result["val_ne"]), best or "-")
+        log.info(
+            "validation NE %.4f%% (best checkpoint: %s)", 100 * result.get("best_val_ne", result["val_ne"]), best or "-"
+        )
         (output_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -24,14 +24,16 @@ def synth_data(tmp_path_factory) -> dict[str, Path]:
     return generate(tmp_path_factory.mktemp("synth"), n_per_category=10, n_test_per_category=2, seed=7, progress=False)
 
 
-def compose_train(overrides: list[str], output_dir: Path):
+def compose_train(overrides: list[str], output_dir: Path, hydra_config: bool = False):
     """The training config as Hydra composes it from conf/, with a concrete output folder."""
     from hydra import compose, initialize_config_dir
 
     import fashionkp.train  # noqa: F401  (registers the config resolvers)
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+        return compose(
+            "train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=hydra_config
+        )
 
 
 # A configuration that runs a real CPN step in about a second on 2 CPU cores.
@@ -50,7 +52,9 @@ def tiny_checkpoints(synth_data, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, extra in {"a": ["seed=1"], "b": ["seed=2", "model.width=24", "resolution=96"]}.items():
         run = tmp_path_factory.mktemp(f"ckpt_{name}")
-        cfg = compose_train([*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=2", *extra], run)
+        cfg = compose_train(
+            [*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=2", *extra], run
+        )
         out[name] = Path(train(cfg)["last_checkpoint"])
     return out
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FASHIONAI_TRAIN, needs_shared
+
 from fashionkp.fashionai import HEADER, FashionAIFormatError, read_csv, read_splits
 
 ABSENT = ",".join(["-1_-1_-1"] * 24)

@@ -52,7 +52,7 @@ def test_decoders_ranked_on_noisy_gaussians(centres):
 def test_seed_rule_is_quarter_step_plus_shift():
     hm = torch.zeros(1, 1, 9, 9)
     hm[0, 0, 4, 4], hm[0, 0, 4, 5] = 1.0, 0.9
-    (x, y), = decode(hm, "seed")[0][0].tolist()
+    ((x, y),) = decode(hm, "seed")[0][0].tolist()
     assert x == pytest.approx(4.25 + 0.125) and y == pytest.approx(4.125)
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
 from fashionkp.cli import main as cli
 from fashionkp.evaluate import evaluate
 from fashionkp.fashionai import read_csv
@@ -20,6 +20,11 @@ def _compose(name: str, overrides: list[str]):
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose(name, overrides=overrides)
+
+
+def main_score(answers, submission, tmp_path) -> float:
+    assert cli(["score", str(answers), str(submission), "--json", str(tmp_path / "score.json")]) == 0
+    return json.loads((tmp_path / "score.json").read_text())["ne"]
 
 
 def test_python_api_gives_points_in_original_pixels(tiny_checkpoints, synth_data):
@@ -36,7 +41,9 @@ def test_python_api_gives_points_in_original_pixels(tiny_checkpoints, synth_data
     assert predictor.categories == list(CATEGORY_KEYPOINTS)
 
 
-def test_predict_writes_a_submission_that_score_reads_and_evaluate_agrees(tiny_checkpoints, synth_data, tmp_path, capsys):
+def test_predict_writes_a_submission_that_score_reads_and_evaluate_agrees(
+    tiny_checkpoints, synth_data, tmp_path, capsys
+):
     ckpt = str(tiny_checkpoints["a"])
     cfg = _compose("predict", [f"checkpoints=[{ckpt}]", f"test_csv={synth_data['test_csv']}",
                                f"output_dir={tmp_path / 'pred'}", "num_workers=0", "draw=4"])  # fmt: skip
@@ -52,6 +59,14 @@ def test_predict_writes_a_submission_that_score_reads_and_evaluate_agrees(tiny_c
     assert result.ne == pytest.approx(scored, abs=1e-6)
     for name in ("metrics.json", "ne_per_keypoint.png", "worst.jpg", "predictions.csv"):
         assert (tmp_path / "eval" / name).is_file()
+    # the evaluated images as a test list, predicted again with image ids relative to their split folder
+    again = _compose("predict", [f"checkpoints=[{ckpt}]", f"test_csv={tmp_path / 'eval' / 'test.csv'}",
+                                 f"image_root={synth_data['test']}", f"output_dir={tmp_path / 'pred2'}",
+                                 "num_workers=0", "draw=0"])  # fmt: skip
+    second = predict(again)
+    assert main_score(tmp_path / "eval" / "answers.csv", second["submission"], tmp_path) == pytest.approx(
+        scored, abs=1e-6
+    )
 
 
 def test_flip_test_and_ensembles_of_different_sizes(tiny_checkpoints, synth_data):
@@ -125,6 +140,7 @@ def test_checkpoint_errors_are_clear(tiny_checkpoints, tmp_path, synth_data):
 
 def test_a_garment_model_refuses_other_garments(synth_data, tmp_path):
     from conftest import TINY, compose_train
+
     from fashionkp.train import train
 
     cfg = compose_train([*TINY, "debug=fdr", "clothes=skirt", f"data.root={synth_data['train']}",

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import METRIC_CHECK, needs_shared
+
 from fashionkp.keypoints import KEYPOINT_INDEX as K
 from fashionkp.metric import NormalizedError, normalized_error
 

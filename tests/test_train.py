@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-
 from conftest import ROOT, TINY, compose_train
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
 from fashionkp.train import build_datamodule, train
 
 CLOTHES = ["blouse", "dress", "outwear", "skirt", "trousers", "all"]
@@ -23,7 +24,11 @@ CLOTHES = ["blouse", "dress", "outwear", "skirt", "trousers", "all"]
 def test_every_config_composes_and_instantiates(override, tmp_path, synth_data):
     cfg = compose_train([override, "backbone.pretrained=false", f"data.root={synth_data['train']}"], tmp_path)
     assert cfg.model.input_size == cfg.resolution and cfg.heatmap.sigma == cfg.resolution / 128
-    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in ("accelerator", "strategy", "precision", "devices", "sync_batchnorm")}
+    trainer_cfg = {
+        k: v
+        for k, v in cfg.trainer.items()
+        if k not in ("accelerator", "strategy", "precision", "devices", "sync_batchnorm")
+    }
     assert instantiate(trainer_cfg, logger=False, enable_checkpointing=False).max_epochs == cfg.trainer.max_epochs
     if override.startswith("backbone="):
         module = instantiate(cfg.model, _recursive_=False)
@@ -41,6 +46,13 @@ def test_fast_dev_run_for_every_garment_type(clothes, tmp_path, synth_data):
     assert 0 < result["val_ne"] < 10  # a finite official NE from one validation batch
 
 
+@pytest.mark.parametrize("experiment", ["demo", "fashionai_cpu"])
+def test_every_experiment_runs_a_fast_dev_run(experiment, tmp_path, synth_data):
+    cfg = compose_train([f"experiment={experiment}", "debug=fdr", f"data.root={synth_data['train']}"], tmp_path)
+    assert cfg.task_name == experiment  # the experiment's values win over train.yaml's
+    assert train(cfg)["global_step"] == 1
+
+
 def test_multirun_sweeps_the_five_garment_types(tmp_path, synth_data):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "clothes=blouse,dress,outwear,skirt,trousers", *TINY,
@@ -49,7 +61,13 @@ def test_multirun_sweeps_the_five_garment_types(tmp_path, synth_data):
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted(sweep.glob("*/result.json"))
     assert len(results) == 5
-    assert {p.parent.name.split("clothes=")[1].split(",")[0] for p in results} == {"blouse", "dress", "outwear", "skirt", "trousers"}
+    assert {p.parent.name.split("clothes=")[1].split(",")[0] for p in results} == {
+        "blouse",
+        "dress",
+        "outwear",
+        "skirt",
+        "trousers",
+    }
 
 
 def _state(ckpt_path: Path) -> dict:
@@ -61,7 +79,9 @@ def test_resume_after_a_crash_is_exact(tmp_path, synth_data):
               "data.batch_size=2", "model.scheduler.warmup_steps=2"]  # fmt: skip
     full = train(compose_train(common, tmp_path / "full"))
     crashed_dir = tmp_path / "crashed"
-    crash = compose_train([*common, "+callbacks.crash._target_=conftest.CrashAtEpoch", "+callbacks.crash.epoch=2"], crashed_dir)
+    crash = compose_train(
+        [*common, "+callbacks.crash._target_=conftest.CrashAtEpoch", "+callbacks.crash.epoch=2"], crashed_dir
+    )
     with pytest.raises(SystemExit, match="simulated crash"):
         train(crash)
     last = crashed_dir / "checkpoints" / "last.ckpt"
@@ -88,9 +108,34 @@ def test_ddp_on_cpu_syncs_the_same_validation_ne(tmp_path, synth_data):
     dm.setup()
     assert len(dm.val_set) % 2 == 1  # uneven shards: every image must still be scored exactly once
     module = instantiate(cfg.model, _recursive_=False)
-    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, use_distributed_sampler=False)
+    single = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, use_distributed_sampler=False
+    )
     ne_single = single.validate(module, datamodule=dm, verbose=False)[0]["val/ne"]
     ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
                      use_distributed_sampler=False)  # fmt: skip
     ne_ddp = ddp.validate(module, datamodule=dm, verbose=False)[0]["val/ne"]
     assert ne_ddp == pytest.approx(ne_single, rel=1e-6)
+
+
+def test_wandb_logs_offline_grouped_and_tagged_with_hydra_choices(tmp_path, synth_data, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    from fashionkp.train import build_loggers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must come from the config, not the environment
+    overrides = [o for o in TINY if not o.startswith("logger=")]
+    overrides += ["logger=wandb", "clothes=skirt", f"data.root={synth_data['train']}", "+trainer.max_steps=2",
+                  "+trainer.limit_val_batches=1", "group=ablation-x"]  # fmt: skip
+    cfg = compose_train(overrides, tmp_path, hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as under @hydra.main, which hands the job its config without `hydra`
+    with open_dict(cfg):
+        del cfg["hydra"]
+    wandb_logger = next(lg for lg in build_loggers(cfg) if type(lg).__name__ == "WandbLogger")
+    run = wandb_logger.experiment
+    assert run.settings.mode in ("offline", "dryrun") and run.group == "ablation-x"  # wandb calls offline "dryrun"
+    assert {"clothes=skirt", "backbone=efficientnet_lite0", "logger=wandb"} <= set(run.tags)
+    run.finish()
+    train(cfg)
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+    assert (tmp_path / "csv" / "metrics.csv").is_file()

@@ -1,7 +1,5 @@
 import numpy as np
-import pytest
 
-from fashionkp.keypoints import channels_for
 from fashionkp.transforms import (
     AugmentConfig,
     apply_affine,

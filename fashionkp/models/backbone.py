@@ -101,7 +101,9 @@ def offline_weights_file(name: str, cache_dir: Path | None = None) -> Path:
     mapped = {}
     for (their_key, value), (key, ref) in zip(theirs.items(), ours.items(), strict=True):
         if value.shape != ref.shape:
-            raise WeightsUnavailableError(f"{files[0]}: {their_key} {tuple(value.shape)} does not fit {key} {tuple(ref.shape)}")
+            raise WeightsUnavailableError(
+                f"{files[0]}: {their_key} {tuple(value.shape)} does not fit {key} {tuple(ref.shape)}"
+            )
         mapped[key] = value
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")

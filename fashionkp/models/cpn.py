@@ -31,7 +31,9 @@ class Bottleneck(nn.Module):
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         mid = max(cout // 2, 16)
-        self.body = nn.Sequential(conv_bn_relu(cin, mid, 1), conv_bn_relu(mid, mid, 3), conv_bn_relu(mid, cout, 1, relu=False))
+        self.body = nn.Sequential(
+            conv_bn_relu(cin, mid, 1), conv_bn_relu(mid, mid, 3), conv_bn_relu(mid, cout, 1, relu=False)
+        )
         self.skip = nn.Identity() if cin == cout else conv_bn_relu(cin, cout, 1, relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +74,9 @@ class RefineNet(nn.Module):
         if upsample not in ("bilinear", "deconv"):
             raise ValueError(f"refine_upsample must be bilinear or deconv, not {upsample!r}")
         self.upsample = upsample
-        self.branches = nn.ModuleList(nn.Sequential(*[Bottleneck(width, width) for _ in range(i)]) for i in range(levels))
+        self.branches = nn.ModuleList(
+            nn.Sequential(*[Bottleneck(width, width) for _ in range(i)]) for i in range(levels)
+        )
         if upsample == "deconv":
             factors = [2**i for i in range(levels)]
             self.deconvs = nn.ModuleList(

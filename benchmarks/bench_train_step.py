@@ -1,0 +1,64 @@
+"""Seconds per CPU training step (batch 16, forward + backward + AdamW) of the CPN, eager vs channels_last.
+
+python benchmarks/bench_train_step.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median_seconds, print_table  # noqa: E402
+
+from fashionkp.losses import LossConfig, cpn_loss  # noqa: E402
+from fashionkp.models import CPN, build_backbone  # noqa: E402
+
+
+def step_seconds(backbone: str, size: int, width: int, channels_last: bool, batch: int, repeats: int) -> float:
+    torch.manual_seed(0)
+    model = CPN(build_backbone(backbone), num_keypoints=24, width=width)
+    x = torch.rand(batch, 3, size, size) * 255
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.rand(batch, 24, size // 4, size // 4)
+    weight = torch.ones(batch, 24)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        loss = cpn_loss(model(x), target, weight, LossConfig())["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return median_seconds(step, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lite0 = "tf_efficientnet_lite0"
+    combos = [(lite0, 192, 64), (lite0, 256, 256), (lite0, 512, 256), ("resnet50", 256, 256), ("resnet50", 512, 256)]
+    if args.quick:
+        combos = combos[:2]
+    repeats = 2 if args.quick else 3
+    rows = []
+    for backbone, size, width in combos:
+        eager = step_seconds(backbone, size, width, False, args.batch, repeats)
+        fast = step_seconds(backbone, size, width, True, args.batch, repeats)
+        rows.append({"backbone": backbone, "input": size, "head width": width, "eager s/step": f"{eager:.2f}",
+                     "channels_last s/step": f"{fast:.2f}", "ratio": f"{fast / eager:.2f}"})  # fmt: skip
+    print(f"CPU training step, batch {args.batch}, {args.threads} threads, median of {repeats}")
+    print_table(rows, ["backbone", "input", "head width", "eager s/step", "channels_last s/step", "ratio"])
+
+
+if __name__ == "__main__":
+    main()

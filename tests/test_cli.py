@@ -1,0 +1,44 @@
+import pytest
+
+from fashionkp.cli import main
+from fashionkp.fashionai import read_csv
+from fashionkp.submission import read_submission, write_submission
+
+
+def test_score_rejects_bad_submissions_with_exit_2(tmp_path, synth_data, capsys):
+    answers = synth_data["answers"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image_id,image_category\nImages/skirt/x.jpg,skirt,1_1_1\n")
+    assert main(["score", str(answers), str(bad)]) == 2
+    assert "bad.csv:2: 3 columns, a submission row needs 26" in capsys.readouterr().err
+    assert main(["score", str(answers), str(tmp_path / "missing.csv")]) == 2
+
+
+def test_perfect_submission_scores_zero_and_concat_round_trips(tmp_path, synth_data, capsys):
+    records = read_csv(synth_data["answers"])
+    import numpy as np
+
+    pts = np.stack([np.nan_to_num(r.keypoints[:, :2], nan=0) for r in records])
+    halves = [records[:5], records[5:]]
+    files = []
+    for i, part in enumerate(halves):
+        files.append(write_submission(tmp_path / f"part{i}.csv", [r.image_id for r in part], [r.category for r in part],
+                                      pts[:5] if i == 0 else pts[5:]))  # fmt: skip
+    assert main(["concat", *map(str, files), "--out", str(tmp_path / "all.csv")]) == 0
+    merged = read_submission(tmp_path / "all.csv")
+    assert len(merged) == len(records)
+    capsys.readouterr()
+    assert main(["score", str(synth_data["answers"]), str(tmp_path / "all.csv")]) == 0
+    assert "NE 0.0000%" in capsys.readouterr().out
+    with pytest.raises(ValueError):
+        write_submission(tmp_path / "x.csv", ["a"], ["skirt"], np.zeros((2, 24, 2)))
+
+
+def test_draw_and_synth_commands(tmp_path, synth_data):
+    out = tmp_path / "sheet.png"
+    assert main(["draw", str(synth_data["train"]), "--out", str(out), "-n", "6"]) == 0
+    import cv2
+
+    assert cv2.imread(str(out)).shape[1] == 4 * 256
+    assert main(["synth", str(tmp_path / "s"), "--n-per-category", "1"]) == 0
+    assert (tmp_path / "s" / "train" / "Annotations" / "annotations.csv").is_file()
