@@ -55,18 +55,22 @@ def draw_keypoints(
 
 
 def grid_sheet(images: Sequence[np.ndarray], columns: int = 4, tile: int = 256) -> np.ndarray:
-    """Letterbox each image into a ``tile`` square and lay them out in rows of ``columns``."""
+    """Fit each image into a cell ``tile`` pixels wide and lay the cells out in rows of ``columns``.
+
+    Cells are square unless every image is wider than tall (e.g. side-by-side pairs): then they are as
+    tall as the tallest image needs, so no sheet is mostly white space.
+    """
     if not images:
         raise ValueError("no images for a grid sheet")
+    cell_h = round(tile * min(1.0, max(img.shape[0] / img.shape[1] for img in images)))
     rows = -(-len(images) // columns)
-    sheet = np.full((rows * tile, columns * tile, 3), 255, np.uint8)
+    sheet = np.full((rows * cell_h, columns * tile, 3), 255, np.uint8)
     for n, img in enumerate(images):
-        s = tile / max(img.shape[:2])
-        small = cv2.resize(
-            img, (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))), interpolation=cv2.INTER_AREA
-        )
+        s = min(tile / img.shape[1], cell_h / img.shape[0])
+        size = (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s)))
+        small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
         r, c = divmod(n, columns)
-        sheet[r * tile : r * tile + small.shape[0], c * tile : c * tile + small.shape[1]] = small
+        sheet[r * cell_h : r * cell_h + small.shape[0], c * tile : c * tile + small.shape[1]] = small
     return sheet
 
 
@@ -93,6 +97,15 @@ def _pyplot():
     return plt
 
 
+def _save_figure(plt, fig, path: Path | str) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(losses: Sequence[tuple[int, float]], val_ne: Sequence[tuple[int, float]], path: Path | str) -> Path:
     """Training loss per step (left axis, log scale) and validation NE in percent (right axis)."""
     plt = _pyplot()
@@ -109,12 +122,7 @@ def plot_curves(losses: Sequence[tuple[int, float]], val_ne: Sequence[tuple[int,
         ax2.plot(s, [100 * x for x in v], "o-", color="tab:red", label="val NE")
         ax2.set_ylabel("validation NE (%)", color="tab:red")
     ax.set_title("fashionkp training")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_bars(values: dict[str, float], path: Path | str, title: str, ylabel: str = "NE (%)") -> Path:
@@ -126,9 +134,4 @@ def plot_bars(values: dict[str, float], path: Path | str, title: str, ylabel: st
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)

@@ -72,7 +72,7 @@ def evaluate(cfg: DictConfig) -> NEResult:
                 draw_keypoints(image, pred[i], cats[i], label=f"pred NE {100 * per_image[i]:.1f}%"),
                 draw_keypoints(image, gt[i], cats[i], label="ground truth"),
             ))  # fmt: skip
-        save_image(out_dir / "worst.jpg", grid_sheet(tiles, 2, 512))
+        save_image(out_dir / "worst.jpg", grid_sheet(tiles, 2, 800))
     log.info("NE %.4f%% on %d images -> %s", 100 * result.ne, len(records), out_dir)
     return result
 

@@ -1,4 +1,5 @@
-"""ONNX export of a trained model: raw RGB pixels (N, 3, S, S) in, RefineNet heatmaps out, dynamic batch."""
+"""ONNX export of a trained model: raw RGB pixels (N, 3, H, W) in, RefineNet heatmaps out; batch and size
+dynamic (H and W multiples of 32), so multi-scale test runs through it too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 from fashionkp.inference import load_module
 from fashionkp.models.cpn import HeatmapModel
+
+DYNAMIC_AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "heatmaps": {0: "batch", 2: "h", 3: "w"}}
 
 
 def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Path:
@@ -23,7 +26,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (dummy,), str(out), input_names=["images"], output_names=["heatmaps"],
-            dynamic_axes={"images": {0: "batch"}, "heatmaps": {0: "batch"}}, opset_version=opset, dynamo=False,
+            dynamic_axes=DYNAMIC_AXES, opset_version=opset, dynamo=False,
         )  # fmt: skip
     import onnx
 

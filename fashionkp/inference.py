@@ -7,6 +7,8 @@ original pixels. The Python API for people who embed fashionkp:
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -107,6 +109,32 @@ class Member:
     weight: float
 
 
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cached_onnx(checkpoint: Path | str, cache_dir: Path | None = None) -> Path:
+    """The ONNX export of a checkpoint, made once and kept (keyed by the file's path, size and time)."""
+    from fashionkp.export import export_onnx
+
+    checkpoint = Path(checkpoint).resolve()
+    if not checkpoint.is_file():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    stat = checkpoint.stat()
+    key = hashlib.sha1(f"{checkpoint}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache_dir = cache_dir or Path(torch.hub.get_dir()) / "fashionkp" / "onnx"
+    target = cache_dir / f"{checkpoint.stem}-{key}.onnx"
+    if not target.is_file():
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        export_onnx(checkpoint, tmp)
+        os.replace(tmp, target)
+    return target
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +160,7 @@ class KeypointPredictor:
         decode_sigma: float | None = None,
         channels_last: bool | None = None,
         onnx_threads: int = 0,
+        backend: str = "auto",
     ) -> None:
         if not checkpoints:
             raise ValueError("no checkpoint given")
@@ -140,16 +169,21 @@ class KeypointPredictor:
         weights = list(weights) if weights else [1.0] * len(checkpoints)
         if len(weights) != len(checkpoints):
             raise ValueError(f"{len(weights)} ensemble weights for {len(checkpoints)} checkpoints")
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend must be auto, torch or onnx, not {backend!r}")
         self.device = _device(device)
-        # channels_last pays off on CPU (see BENCHMARKS.md); on GPU bf16/cudnn choose their own layout.
+        # On CPU onnxruntime is the fastest path, then channels_last PyTorch (benchmarks/bench_inference.py);
+        # on GPU PyTorch with cudnn's own layout.
+        use_onnx = backend == "onnx" or (backend == "auto" and self.device.type == "cpu" and _has_onnxruntime())
         channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         self.members: list[Member] = []
         for path, weight in zip(checkpoints, weights, strict=True):
-            runner = (
-                OnnxHeatmapRunner(path, onnx_threads)
-                if str(path).endswith(".onnx")
-                else TorchHeatmapRunner(path, self.device, channels_last)
-            )
+            if str(path).endswith(".onnx"):
+                runner = OnnxHeatmapRunner(path, onnx_threads)
+            elif use_onnx:
+                runner = OnnxHeatmapRunner(cached_onnx(path), onnx_threads)
+            else:
+                runner = TorchHeatmapRunner(path, self.device, channels_last)
             self.members.append(Member(runner, float(weight)))
         self.flip_test, self.scales, self.decoder = flip_test, tuple(scales), decoder
         self.decode_sigma = decode_sigma

@@ -74,6 +74,7 @@ def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
     return KeypointPredictor(
         list(cfg.checkpoints), weights=cfg.get("weights"), device=cfg.device, flip_test=cfg.flip_test,
         scales=list(cfg.scales), decoder=cfg.decoder, channels_last=cfg.get("channels_last"),
+        backend=cfg.get("backend", "auto"),
     )  # fmt: skip
 
 

@@ -105,9 +105,19 @@ def test_onnx_export_matches_pytorch(tiny_checkpoints, synth_data, tmp_path):
     from fashionkp.images import load_image
 
     imgs, cats = [load_image(r.image_path) for r in records], [r.category for r in records]
-    p_torch = KeypointPredictor([tiny_checkpoints["a"]], device="cpu").predict_batch(imgs, cats)
+    p_torch = KeypointPredictor([tiny_checkpoints["a"]], device="cpu", backend="torch").predict_batch(imgs, cats)
     p_onnx = KeypointPredictor([out]).predict_batch(imgs, cats)
     assert np.allclose(p_torch[..., :2], p_onnx[..., :2], atol=0.05, equal_nan=True)
+    # the default CPU path exports once to a cache and runs onnxruntime, multi-scale included
+    from fashionkp.inference import OnnxHeatmapRunner as Ort
+
+    auto = KeypointPredictor([tiny_checkpoints["a"]], device="cpu")
+    assert isinstance(auto.members[0].runner, Ort)
+    assert np.allclose(auto.predict_batch(imgs, cats)[..., :2], p_torch[..., :2], atol=0.05, equal_nan=True)
+    multi_torch = KeypointPredictor([tiny_checkpoints["a"]], device="cpu", backend="torch", scales=[1.0, 1.5])
+    multi_onnx = KeypointPredictor([tiny_checkpoints["a"]], device="cpu", scales=[1.0, 1.5])
+    assert np.allclose(multi_torch.predict_batch(imgs, cats)[..., :2], multi_onnx.predict_batch(imgs, cats)[..., :2],
+                       atol=0.05, equal_nan=True)  # fmt: skip
 
 
 def test_bad_inputs_are_reported_not_fatal(tiny_checkpoints, synth_data, tmp_path):
