@@ -23,7 +23,7 @@ install: $(STAMP) ## create .venv and install fashionkp (editable, with dev extr
 	@echo "fashionkp installed in $(VENV)"
 
 test: $(STAMP) ## run the test suite (tests on real data skip when ../shared/data is absent)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 test-all: $(STAMP) ## the test suite plus the slow real-data tests
 	$(PY) -m pytest -q -m ""
