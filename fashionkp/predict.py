@@ -93,14 +93,14 @@ def list_images(spec: str | Sequence[str]) -> list[Path]:
 
 
 def draw_predictions(paths, categories, points, out_dir: Path, limit: int) -> Path | None:
+    """Draw ``limit`` predictions spread evenly over the run (so every garment type of a test list shows)."""
     drawn = []
-    for path, category, pts in zip(paths, categories, points, strict=True):
-        if len(drawn) >= limit:
-            break
-        if np.isnan(pts[list(CATEGORY_KEYPOINTS[category]), 0]).any():
+    for i in sorted(set(np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int))):
+        own = list(CATEGORY_KEYPOINTS[categories[i]])
+        if np.isnan(points[i, own, 0]).any():
             continue
-        image = draw_keypoints(load_image(path), pts[:, :2], category, label=category)
-        save_image(out_dir / "drawn" / f"{Path(path).stem}.jpg", image)
+        image = draw_keypoints(load_image(paths[i]), points[i, :, :2], categories[i], label=categories[i])
+        save_image(out_dir / "drawn" / f"{Path(paths[i]).stem}.jpg", image)
         drawn.append(image)
     return save_image(out_dir / "predictions_sheet.jpg", grid_sheet(drawn, 4)) if drawn else None
 
