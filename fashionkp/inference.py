@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fashionkp.heatmaps import DECODERS, decode, flip_back, heatmap_to_input
+from fashionkp.heatmaps import DECODERS, decode, flip_back, to_image_points
 from fashionkp.images import load_image, to_rgb8
 from fashionkp.keypoints import ALL, CATEGORY_KEYPOINTS, NUM_KEYPOINTS, channels_for, check_category, flip_permutation
 from fashionkp.transforms import letterbox_matrix, warp_image
@@ -238,10 +238,11 @@ class KeypointPredictor:
             heatmaps = heatmaps / sum(m.weight for m in members)
             own = list(CATEGORY_KEYPOINTS[category])
             coords, scores = decode(heatmaps[:, own], self.decoder, sigma)
+            matrices = np.stack([letterbox_matrix(*images[i].shape[:2], grid * STRIDE) for i in idx])
+            points = to_image_points(coords, matrices, STRIDE)
             for row, i in enumerate(idx):
                 h, w = images[i].shape[:2]
-                m = letterbox_matrix(h, w, grid * STRIDE)
-                xy = (heatmap_to_input(coords[row].double().numpy(), STRIDE) - m[:, 2]) / m[0, 0]
+                xy = points[row]
                 xy[:, 0] = np.clip(xy[:, 0], 0, w - 1)
                 xy[:, 1] = np.clip(xy[:, 1], 0, h - 1)
                 out[i, own, :2] = xy
