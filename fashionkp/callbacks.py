@@ -31,24 +31,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class NEReport(pl.Callback):
-    """After each validation: ``val_ne.csv`` (one row per epoch: overall and per category),
-    ``val_ne_keypoints.csv`` (per keypoint) and ``val_ne_last.json`` (full breakdown) in ``out_dir``."""
+    """After each validation during training: ``val_ne.csv`` (one row per epoch: overall and per category),
+    ``val_ne_keypoints.csv`` (per keypoint) and ``val_ne_last.json`` (full breakdown) in ``out_dir``, NE in
+    percent."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
+        #: False for validations after training (the best checkpoint's): they are not an epoch's row.
+        self.record_epochs = True
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         result = getattr(module, "last_val_result", None)
-        if trainer.sanity_checking or result is None or not trainer.is_global_zero:
+        if trainer.sanity_checking or result is None or not trainer.is_global_zero or not self.record_epochs:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "ne": result.ne}
-        _append(self.out_dir / "val_ne.csv", {**row, **{c: result.per_category.get(c, "") for c in CATEGORIES}})
-        _append(
-            self.out_dir / "val_ne_keypoints.csv",
-            {**row, **{k: result.per_keypoint.get(k, "") for k in KEYPOINT_NAMES}},
-        )
-        (self.out_dir / "val_ne_last.json").write_text(json.dumps({**row, **result.as_dict()}, indent=2))
+        breakdown = result.as_dict()  # percent
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "ne": breakdown["ne"]}
+        per_category, per_keypoint = breakdown["per_category"], breakdown["per_keypoint"]
+        _append(self.out_dir / "val_ne.csv", {**row, **{c: per_category.get(c, "") for c in CATEGORIES}})
+        _append(self.out_dir / "val_ne_keypoints.csv", {**row, **{k: per_keypoint.get(k, "") for k in KEYPOINT_NAMES}})
+        (self.out_dir / "val_ne_last.json").write_text(json.dumps({**breakdown, **row}, indent=2))
 
 
 def _append(path: Path, row: dict) -> None:

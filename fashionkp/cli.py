@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionkp.errors import UserError
 from fashionkp.fashionai import FashionAIFormatError
 
 
@@ -79,17 +80,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fashionkp.report import collect, markdown_table, plot
+    from fashionkp.report import write_report
 
-    rows = collect(args.root)
-    if not rows:
-        raise FileNotFoundError(f"no runs with result.json under {args.root}")
-    table = markdown_table(rows)
+    table, paths = write_report(args.root, args.out)
     print(table)
-    out = Path(args.out or args.root)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(table + "\n")
-    print(f"plot: {plot(rows, out / 'report.png')}")
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -133,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("report", help="table and plot of the validation NE of runs under a folder")
-    p.add_argument("root")
-    p.add_argument("--out")
+    p = sub.add_parser("report", help="overall and per-category validation NE (%%) of the runs under a folder")
+    p.add_argument("root", help="a sweep folder (outputs/multirun/train/<time>), a run folder or a folder of runs")
+    p.add_argument("--out", help="folder for report.md, report.csv and report.png (default: root)")
     p.set_defaults(func=cmd_report)
     return parser
 
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FashionAIFormatError, FileNotFoundError, ValueError, OSError) as e:
+    except (UserError, FileNotFoundError, ValueError, OSError) as e:
         print(f"fashionkp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

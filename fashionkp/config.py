@@ -1,8 +1,13 @@
-"""OmegaConf resolvers used by the Hydra configs under ``conf/``."""
+"""Where the Hydra configs live and the OmegaConf resolvers they use."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
+
+#: The configs ship inside the package, so an installed wheel finds them from any folder.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def register_resolvers() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fashionkp.fashionai import Record, read_splits
 from fashionkp.heatmaps import gaussian_targets, input_to_heatmap
 from fashionkp.images import load_image
-from fashionkp.keypoints import ALL, CATEGORIES, channels_for, check_category
+from fashionkp.keypoints import ALL, CATEGORIES, NUM_KEYPOINTS, channels_for, check_category
 from fashionkp.transforms import (
     AugmentConfig,
     letterbox_matrix,
@@ -119,9 +120,16 @@ class EpochSampler(Sampler):
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._skip = 0
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, samples: int) -> None:
+        """The next iteration starts ``samples`` into ``epoch`` (a run resumed from a mid-epoch checkpoint)."""
+        self.epoch, self._skip = epoch, samples
 
     @staticmethod
     def _world() -> tuple[int, int]:
@@ -138,10 +146,47 @@ class EpochSampler(Sampler):
         return order[rank::world]
 
     def __iter__(self):
-        return iter([(i, self.epoch) for i in self._indices()])
+        indices, self._skip = self._indices()[self._skip :], 0
+        return iter([(i, self.epoch) for i in indices])
 
     def __len__(self) -> int:
         return len(self._indices())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose place in the epoch goes into Lightning's checkpoints (through ``state_dict``), so
+    that a run resumed from a checkpoint written mid-epoch sees exactly the batches an uninterrupted run
+    would have seen next.
+
+    ``batches_done`` tells how many batches of the current epoch the training loop has consumed: the
+    loader itself cannot know, since workers fetch ahead.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        done, epoch = self.batches_done(), self.sampler.epoch
+        if done >= len(self):  # an end-of-epoch checkpoint: the next epoch starts from its beginning
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "samples": done * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume_at(state["epoch"], state["samples"])
+
+
+def mean_shape(records: Sequence[Record]) -> np.ndarray:
+    """(5, 24, 2) mean position of every point per garment type, in original pixels (NaN where a type has
+    no annotation): the prediction written for a test photo that cannot be read."""
+    out = np.full((len(CATEGORIES), NUM_KEYPOINTS, 2), np.nan)
+    for i, category in enumerate(CATEGORIES):
+        points = [r.keypoints[:, :2] for r in records if r.category == category and r.keypoints is not None]
+        if points:
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: points a type never has
+                out[i] = np.nanmean(np.stack(points), axis=0)
+    return out
 
 
 def is_validation(image_id: str, fraction: float, salt: str = "fashionkp") -> bool:
@@ -181,6 +226,7 @@ class FashionAIDataModule(pl.LightningDataModule):
         self.input_size = input_size
         self.train_set: KeypointDataset | None = None
         self.val_set: KeypointDataset | None = None
+        self.mean_shape: np.ndarray | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -202,11 +248,13 @@ class FashionAIDataModule(pl.LightningDataModule):
                 f"{cfg.root} (val_fraction={cfg.val_fraction}, {len(records)} records)"
             )
         log.info("clothes=%s: %d training and %d validation images", self.clothes, len(train), len(val))
+        self.mean_shape = mean_shape(train)
         self.train_set = KeypointDataset(train, self.clothes, self.input_size, cfg.targets, cfg.augment, cfg.seed)
         self.val_set = KeypointDataset(val, self.clothes, self.input_size, cfg.targets, None)
 
     def _loader(self, dataset: KeypointDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        kwargs = {"batches_done": self._training_batches_done} if shuffle else {}
+        return (ResumableLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.cfg.batch_size,
             sampler=EpochSampler(len(dataset), self.cfg.seed, shuffle),
@@ -214,7 +262,11 @@ class FashionAIDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.cfg.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.cfg.batch_size,
+            **kwargs,
         )
+
+    def _training_batches_done(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

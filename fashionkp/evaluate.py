@@ -10,33 +10,37 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from fashionkp.checks import as_list, check_data_root
+from fashionkp.config import CONFIG_DIR, register_resolvers
 from fashionkp.dataset import split_records
 from fashionkp.draw import draw_keypoints, grid_sheet, plot_bars, save_image, side_by_side
+from fashionkp.errors import ConfigError, report_user_errors
 from fashionkp.fashionai import keypoints_array, read_splits, write_annotations
 from fashionkp.images import load_image
+from fashionkp.inference import predictor_from_cfg, run_on_files
 from fashionkp.metric import NEResult, normalized_error, point_errors
-from fashionkp.predict import predictor_from_cfg, run_on_files
 from fashionkp.submission import write_submission
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_resolvers()
 
 
 def evaluate(cfg: DictConfig) -> NEResult:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.split not in ("val", "all"):
+        raise ConfigError("split", cfg.split, "not a valid choice", ("val", "all"))
+    root = as_list(cfg.data.root)
+    check_data_root(root)
     predictor = predictor_from_cfg(cfg)
-    root = OmegaConf.to_container(cfg.data.root) if OmegaConf.is_list(cfg.data.root) else cfg.data.root
-    categories = [c for c in (cfg.get("categories") or predictor.categories)]
+    categories = as_list(cfg.get("categories")) or predictor.categories
     records = read_splits(root, categories, cfg.data.missing_images)
     if cfg.split == "val":
         records = split_records(records, cfg.data.val_fraction, cfg.data.val_salt)[1]
-    elif cfg.split != "all":
-        raise ValueError(f"split must be val or all, not {cfg.split!r}")
     if not records:
-        raise ValueError(f"no records to evaluate in {root} (split={cfg.split})")
+        raise ConfigError("data.root", root, f"no images to evaluate (split={cfg.split})")
     cats = [r.category for r in records]
     points, failures, _ = run_on_files(
         predictor, [r.image_path for r in records], cats, cfg.batch_size, cfg.num_workers
@@ -50,8 +54,8 @@ def evaluate(cfg: DictConfig) -> NEResult:
     result = normalized_error(np.nan_to_num(pred, nan=-1.0), gt, cats)
     print(result.table())
     print("per keypoint: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result.per_keypoint.items()))
-    payload = {"checkpoints": list(cfg.checkpoints), "split": cfg.split, "root": root, "images": len(records),
-               "failed": failures, "flip_test": cfg.flip_test, "decoder": cfg.decoder, "scales": list(cfg.scales),
+    payload = {"checkpoints": as_list(cfg.checkpoints), "split": cfg.split, "root": root, "images": len(records),
+               "failed": failures, "flip_test": cfg.flip_test, "decoder": cfg.decoder, "scales": as_list(cfg.scales),
                **result.as_dict()}  # fmt: skip
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     plot_bars(result.per_keypoint, out_dir / "ne_per_keypoint.png", f"NE per keypoint (overall {100 * result.ne:.2f}%)")
@@ -78,8 +82,10 @@ def evaluate(cfg: DictConfig) -> NEResult:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@report_user_errors("fashionkp-evaluate")
 def main(cfg: DictConfig) -> float:
-    return evaluate(cfg).ne
+    """The NE in percent (what a Hydra sweeper minimises)."""
+    return 100 * evaluate(cfg).ne
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fashionkp.inference import load_module
@@ -31,8 +32,9 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
     import onnx
 
     proto = onnx.load(str(out))
+    mean_shape = None if module.mean_shape is None else np.nan_to_num(module.mean_shape, nan=-1).tolist()
     info = {"clothes": hp.clothes, "input_size": hp.input_size, "decode_sigma": hp.decode_sigma,
-            "backbone": hp.backbone["name"], "checkpoint": str(checkpoint)}  # fmt: skip
+            "backbone": hp.backbone["name"], "checkpoint": str(checkpoint), "mean_shape": mean_shape}  # fmt: skip
     entry = proto.metadata_props.add()
     entry.key, entry.value = "fashionkp", json.dumps(info)
     onnx.save(proto, str(out))

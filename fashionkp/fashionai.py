@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionkp.errors import UserError
 from fashionkp.keypoints import CATEGORIES, KEYPOINT_NAMES, NUM_KEYPOINTS
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ CSV_CANDIDATES: tuple[str, ...] = (
 ABSENT = (np.nan, np.nan, -1.0)
 
 
-class FashionAIFormatError(ValueError):
+class FashionAIFormatError(UserError, ValueError):
     """A FashionAI file that cannot be read; the message names the file, line and column."""
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fashionkp.errors import UserError
 
-class ImageReadError(OSError):
+
+class ImageReadError(UserError, OSError):
     """An image that is missing, truncated or of an unsupported layout; the message names the file."""
 
 

@@ -8,6 +8,7 @@ original pixels. The Python API for people who embed fashionkp:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import zipfile
@@ -18,17 +19,38 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from fashionkp.checks import as_list, check_inference_config
+from fashionkp.errors import ConfigError, UserError
 from fashionkp.heatmaps import DECODERS, decode, flip_back, to_image_points
-from fashionkp.images import load_image, to_rgb8
-from fashionkp.keypoints import ALL, CATEGORY_KEYPOINTS, NUM_KEYPOINTS, channels_for, check_category, flip_permutation
+from fashionkp.images import ImageReadError, load_image, to_rgb8
+from fashionkp.keypoints import (
+    ALL,
+    CATEGORIES,
+    CATEGORY_KEYPOINTS,
+    NUM_KEYPOINTS,
+    channels_for,
+    check_category,
+    flip_permutation,
+)
 from fashionkp.transforms import letterbox_matrix, warp_image
 
+log = logging.getLogger(__name__)
 STRIDE = 4
+#: Where a photo that cannot be read is given its points when no model knows its training mean shape: the
+#: centre of a 512-pixel FashionAI photo.
+UNKNOWN_SHAPE_POINT = 255.5
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+class GarmentTypeError(UserError, ValueError):
+    """A garment type that none of the models was trained for."""
 
 
 def load_module(path: Path | str, map_location: str | torch.device = "cpu"):
@@ -53,6 +75,8 @@ def load_module(path: Path | str, map_location: str | torch.device = "cpu"):
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the model its hyper-parameters describe: {e}") from e
+    # (5, 24, 2) training mean shape per garment type (checkpoints from before it was saved have none)
+    module.mean_shape = np.asarray(ckpt["mean_shape"], dtype=np.float64) if "mean_shape" in ckpt else None
     return module.eval()
 
 
@@ -65,6 +89,7 @@ class TorchHeatmapRunner:
         self.path = str(path)
         hp = self.module.hparams
         self.clothes, self.input_size, self.decode_sigma = hp.clothes, hp.input_size, hp.decode_sigma
+        self.mean_shape = self.module.mean_shape
         self.channels_last = channels_last
         if channels_last:
             self.module.model.to(memory_format=torch.channels_last)
@@ -92,6 +117,7 @@ class OnnxHeatmapRunner:
             raise CheckpointError(f"{path}: not an ONNX file exported by `fashionkp export` (no metadata)")
         info = json.loads(meta["fashionkp"])
         self.clothes, self.input_size, self.decode_sigma = info["clothes"], info["input_size"], info["decode_sigma"]
+        self.mean_shape = np.asarray(info["mean_shape"], dtype=np.float64) if info.get("mean_shape") else None
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -162,15 +188,16 @@ class KeypointPredictor:
         onnx_threads: int = 0,
         backend: str = "auto",
     ) -> None:
+        checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
         if not checkpoints:
-            raise ValueError("no checkpoint given")
+            raise ConfigError("checkpoints", [], "no checkpoint given")
         if decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
+            raise ConfigError("decoder", decoder, "unknown decoder", DECODERS)
         weights = list(weights) if weights else [1.0] * len(checkpoints)
         if len(weights) != len(checkpoints):
-            raise ValueError(f"{len(weights)} ensemble weights for {len(checkpoints)} checkpoints")
+            raise ConfigError("weights", weights, f"{len(weights)} ensemble weights for {len(checkpoints)} checkpoints")
         if backend not in ("auto", "torch", "onnx"):
-            raise ValueError(f"backend must be auto, torch or onnx, not {backend!r}")
+            raise ConfigError("backend", backend, "unknown backend", ("auto", "torch", "onnx"))
         self.device = _device(device)
         # On CPU onnxruntime is the fastest path, then channels_last PyTorch (benchmarks/bench_inference.py);
         # on GPU PyTorch with cudnn's own layout.
@@ -199,7 +226,7 @@ class KeypointPredictor:
         members = [m for m in self.members if m.runner.clothes in (category, ALL)]
         if not members:
             trained = sorted({m.runner.clothes for m in self.members})
-            raise ValueError(f"no model for garment type {category!r}: the checkpoints were trained for {trained}")
+            raise GarmentTypeError(f"no model for garment type {category!r}: the checkpoints were trained for {trained}")
         return members
 
     def _member_heatmaps(self, member: Member, images: list[np.ndarray], grid: int) -> torch.Tensor:
@@ -249,7 +276,70 @@ class KeypointPredictor:
                 out[i, own, 2] = scores[row].numpy()
         return out
 
+    def fallback_points(self, category: str) -> np.ndarray:
+        """(24, 2) points for a photo that cannot be read: the mean shape of the category's training photos
+        (from the first model that recorded it), so that a submission still has a row for every image."""
+        index = CATEGORIES.index(check_category(category))
+        for member in self.members_for(category):
+            if member.runner.mean_shape is not None:
+                return np.nan_to_num(member.runner.mean_shape[index], nan=UNKNOWN_SHAPE_POINT)
+        return np.full((NUM_KEYPOINTS, 2), UNKNOWN_SHAPE_POINT)
+
     def predict(self, image: np.ndarray | Path | str, category: str) -> np.ndarray:
         """(24, 3) x, y, score for one image (array in RGB, or a path); NaN outside its category."""
         array = load_image(image) if isinstance(image, (str, Path)) else image
         return self.predict_batch([array], [category])[0]
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, load_image(self.paths[i]), None
+        except ImageReadError as e:
+            return i, None, str(e)
+
+
+def run_on_files(
+    predictor: KeypointPredictor,
+    paths: Sequence[Path],
+    categories: Sequence[str],
+    batch_size: int = 8,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[str], list[tuple[int, int]]]:
+    """Predict every image; unreadable ones are reported and skipped, never fatal.
+
+    Returns (N, 24, 3) points (NaN rows for failed images), the failure messages and each image's (h, w).
+    """
+    out = np.full((len(paths), NUM_KEYPOINTS, 3), np.nan)
+    sizes: list[tuple[int, int]] = [(0, 0)] * len(paths)
+    failures: list[str] = []
+    loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+        good = [(i, img) for i, img, err in batch if img is not None]
+        for _, _, err in batch:
+            if err:
+                failures.append(err)
+                log.warning("skipped: %s", err)
+        if good:
+            idx = [i for i, _ in good]
+            out[idx] = predictor.predict_batch([img for _, img in good], [categories[i] for i in idx])
+            for i, img in good:
+                sizes[i] = img.shape[:2]
+    return out, failures, sizes
+
+
+def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
+    """The predictor that predict.py and evaluate.py configs describe (checked first: one clear line on a typo)."""
+    check_inference_config(cfg)
+    return KeypointPredictor(
+        as_list(cfg.checkpoints), weights=as_list(cfg.get("weights")) or None, device=cfg.device,
+        flip_test=cfg.flip_test, scales=as_list(cfg.scales), decoder=cfg.decoder,
+        channels_last=cfg.get("channels_last"), backend=cfg.get("backend", "auto"),
+    )  # fmt: skip

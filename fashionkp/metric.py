@@ -54,7 +54,11 @@ def point_errors(
 
 @dataclass
 class NEResult:
-    """NE pooled overall, per category and per keypoint (fractions, not percent)."""
+    """NE pooled overall, per category and per keypoint.
+
+    The attributes are fractions (the metric's own definition); everything printed or written to a file
+    (``table``, ``as_dict``, logs, the progress bar) is in percent.
+    """
 
     ne: float
     counted: int
@@ -64,9 +68,11 @@ class NEResult:
     counted_per_category: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """The breakdown as written to files: NE values in percent, like everything fashionkp shows."""
         return {
-            "ne": self.ne, "counted": self.counted, "skipped": self.skipped,
-            "per_category": self.per_category, "per_keypoint": self.per_keypoint,
+            "unit": "%", "ne": 100 * self.ne, "counted": self.counted, "skipped": self.skipped,
+            "per_category": {k: 100 * v for k, v in self.per_category.items()},
+            "per_keypoint": {k: 100 * v for k, v in self.per_keypoint.items()},
             "counted_per_category": self.counted_per_category,
         }  # fmt: skip
 
@@ -132,10 +138,15 @@ class NormalizedError(Metric):
         self.count += torch.as_tensor(count, device=self.count.device)
         self.skipped += skipped
 
-    def compute(self) -> torch.Tensor:
-        total = self.count.sum()
-        return self.err_sum.sum() / total if total > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The pooled sums over every process; :meth:`summarise` turns them into the NE breakdown.
 
-    def result(self) -> NEResult:
-        """The full breakdown (call after compute(), i.e. on synced states)."""
-        return _summarise(self.err_sum.cpu().numpy(), self.count.cpu().numpy(), int(self.skipped.item()))
+        The sums, not the NE alone, leave ``compute``: torchmetrics syncs states across processes only
+        inside it and restores each process's own shard afterwards, so a breakdown read from the metric's
+        states after ``compute`` would cover one shard under DDP.
+        """
+        return {"err_sum": self.err_sum.clone(), "count": self.count.clone(), "skipped": self.skipped.clone()}
+
+    @staticmethod
+    def summarise(sums: dict[str, torch.Tensor]) -> NEResult:
+        return _summarise(sums["err_sum"].cpu().numpy(), sums["count"].cpu().numpy(), int(sums["skipped"].item()))

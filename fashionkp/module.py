@@ -11,11 +11,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fashionkp.errors import UserError
 from fashionkp.heatmaps import decode, flip_back, to_image_points
 from fashionkp.keypoints import CATEGORIES, NUM_KEYPOINTS, channels_for, check_category, flip_permutation
 from fashionkp.losses import LossConfig, cpn_loss
 from fashionkp.metric import NormalizedError
 from fashionkp.models import CPN, CPNOutput, build_backbone
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training diverged (NaN or infinite loss or weights)."""
 
 
 def _plain(value: Any) -> Any:
@@ -93,7 +98,9 @@ class CPNModule(pl.LightningModule):
 
     def image_points(self, heatmaps: torch.Tensor, matrices: torch.Tensor) -> np.ndarray:
         """(N, 24, 2) original-pixel points (NaN on channels the model does not predict)."""
-        coords, _ = decode(heatmaps.float(), self.hparams.decoder, self.hparams.decode_sigma)
+        # Decoding is sub-pixel arithmetic (DARK's log and Taylor step): always fp32, even under bf16 autocast.
+        with torch.autocast(heatmaps.device.type, enabled=False):
+            coords, _ = decode(heatmaps.float(), self.hparams.decoder, self.hparams.decode_sigma)
         points = to_image_points(coords, matrices.cpu().numpy(), self.model.stride)
         full = np.full((len(points), NUM_KEYPOINTS, 2), np.nan)
         full[:, self.channels] = points
@@ -104,6 +111,11 @@ class CPNModule(pl.LightningModule):
         losses = cpn_loss(
             self(batch["image"]), batch["target"], batch["weight"], self.loss_cfg, batch.get("target_global")
         )
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLossError(
+                f"training loss is {losses['loss'].item()} at step {self.global_step} (epoch {self.current_epoch}): "
+                f"the run stops here and keeps its last good checkpoint; try a lower model.optimizer.lr"
+            )
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["image"]))
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=len(batch["image"]))
         return losses["loss"]
@@ -117,13 +129,22 @@ class CPNModule(pl.LightningModule):
         self.val_ne.update(self.image_points(heatmaps, batch["matrix"]), batch["keypoints"], categories)
 
     def on_validation_epoch_end(self) -> None:
-        ne = self.val_ne.compute()
-        result = self.val_ne.result()
+        # Summed over every process inside compute(): the breakdown is the whole split's under DDP too.
+        result = NormalizedError.summarise(self.val_ne.compute())
         self.last_val_result = result
-        self.log("val/ne", ne.float(), prog_bar=True, sync_dist=False)
+        # In percent, like every NE fashionkp shows (progress bar, logs, tables, files).
+        self.log("val/ne", 100 * result.ne, prog_bar=True, sync_dist=False)
         for category, value in result.per_category.items():
-            self.log(f"val/ne_{category}", float(value))
+            self.log(f"val/ne_{category}", 100 * value)
         self.val_ne.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [name for name, p in self.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:  # never replace a good checkpoint with broken weights
+            raise NonFiniteLossError(f"non-finite weights ({bad[0]}, ...) at step {self.global_step}: not saved")
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(datamodule, "mean_shape", None) is not None:
+            checkpoint["mean_shape"] = datamodule.mean_shape.tolist()
 
     # -- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,5 +1,5 @@
 """``predict.py``: a FashionAI test CSV -> one submission CSV (every garment type in one run), or a folder
-/ list of images of one garment type -> points with scores (CSV and JSON) and drawn images."""
+/ list of photos of one garment type -> points with scores (CSV and JSON) and drawn images."""
 
 from __future__ import annotations
 
@@ -10,76 +10,26 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from omegaconf import DictConfig
 
+from fashionkp.checks import as_list
+from fashionkp.config import CONFIG_DIR, register_resolvers
 from fashionkp.draw import draw_keypoints, grid_sheet, save_image
+from fashionkp.errors import ConfigError, report_user_errors
 from fashionkp.fashionai import read_csv
-from fashionkp.images import ImageReadError, load_image
-from fashionkp.inference import KeypointPredictor
-from fashionkp.keypoints import CATEGORY_KEYPOINTS, KEYPOINT_NAMES, check_category
+from fashionkp.images import load_image
+from fashionkp.inference import KeypointPredictor, predictor_from_cfg, run_on_files
+from fashionkp.keypoints import ALL, CATEGORIES, CATEGORY_KEYPOINTS, KEYPOINT_NAMES
 from fashionkp.submission import write_submission
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_resolvers()
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = list(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, load_image(self.paths[i]), None
-        except ImageReadError as e:
-            return i, None, str(e)
-
-
-def run_on_files(
-    predictor: KeypointPredictor,
-    paths: Sequence[Path],
-    categories: Sequence[str],
-    batch_size: int = 8,
-    num_workers: int = 2,
-    progress: bool = True,
-) -> tuple[np.ndarray, list[str], list[tuple[int, int]]]:
-    """Predict every image; unreadable ones are reported and skipped, never fatal.
-
-    Returns (N, 24, 3) points (NaN rows for failed images), the failure messages and each image's (h, w).
-    """
-    out = np.full((len(paths), len(KEYPOINT_NAMES), 3), np.nan)
-    sizes: list[tuple[int, int]] = [(0, 0)] * len(paths)
-    failures: list[str] = []
-    loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-        good = [(i, img) for i, img, err in batch if img is not None]
-        failures += [err for _, _, err in batch if err is not None]
-        for _, _, err in batch:
-            if err:
-                log.warning("skipped: %s", err)
-        if good:
-            idx = [i for i, _ in good]
-            out[idx] = predictor.predict_batch([img for _, img in good], [categories[i] for i in idx])
-            for i, img in good:
-                sizes[i] = img.shape[:2]
-    return out, failures, sizes
-
-
-def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
-    return KeypointPredictor(
-        list(cfg.checkpoints), weights=cfg.get("weights"), device=cfg.device, flip_test=cfg.flip_test,
-        scales=list(cfg.scales), decoder=cfg.decoder, channels_last=cfg.get("channels_last"),
-        backend=cfg.get("backend", "auto"),
-    )  # fmt: skip
-
-
 def list_images(spec: str | Sequence[str]) -> list[Path]:
-    items = [spec] if isinstance(spec, str) else list(spec)
+    """Image files of a folder (recursively), a file, or a list of either."""
+    items = as_list(spec)
     paths: list[Path] = []
     for item in items:
         p = Path(item)
@@ -88,7 +38,7 @@ def list_images(spec: str | Sequence[str]) -> list[Path]:
         else:
             paths.append(p)  # missing files are reported by the prediction loop
     if not paths:
-        raise FileNotFoundError(f"no images found in {items}")
+        raise ConfigError("images", items, "no image files found", f"looked for {', '.join(IMAGE_SUFFIXES)}")
     return paths
 
 
@@ -105,70 +55,81 @@ def draw_predictions(paths, categories, points, out_dir: Path, limit: int) -> Pa
     return save_image(out_dir / "predictions_sheet.jpg", grid_sheet(drawn, 4)) if drawn else None
 
 
+def predict_test_csv(cfg: DictConfig, predictor: KeypointPredictor) -> tuple[dict, list, list, np.ndarray]:
+    """A FashionAI test list -> a submission with a row for every image: a photo that cannot be read gets
+    its garment type's mean shape (counted and named), since the scorer rejects a file with holes."""
+    records = read_csv(cfg.test_csv, image_root=cfg.get("image_root"), missing_images="ignore")
+    unsupported = sorted({r.category for r in records} - set(predictor.categories))
+    if unsupported:
+        raise ConfigError(
+            "test_csv", str(cfg.test_csv), f"has garment types {unsupported} that no checkpoint was trained for"
+        )
+    paths, categories = [r.image_path for r in records], [r.category for r in records]
+    points, failures, _ = run_on_files(predictor, paths, categories, cfg.batch_size, cfg.num_workers)
+    failed = np.isnan(points[:, :, 0]).all(1)
+    written = points[:, :, :2].copy()
+    for i in np.flatnonzero(failed):
+        written[i] = predictor.fallback_points(categories[i])
+    sub = write_submission(cfg.submission, [r.image_id for r in records], categories, written)
+    summary = {"submission": str(sub), "images": int((~failed).sum()), "failed": len(failures),
+               "mean_shape_rows": int(failed.sum()), "failures": failures}  # fmt: skip
+    if failed.any():
+        log.warning("%d unreadable images got their garment type's mean shape in the submission", failed.sum())
+    return summary, paths, categories, points
+
+
+def predict_photos(cfg: DictConfig, predictor: KeypointPredictor) -> tuple[dict, list, list, np.ndarray]:
+    """Photos of one garment type -> points.csv and points.json (x, y, score per named point)."""
+    clothes = (cfg.get("clothes") or {}).get("name")
+    if not clothes or clothes == ALL:
+        raise ConfigError("clothes", clothes, "give the garment type of the photos", CATEGORIES)
+    paths = list_images(cfg.images)
+    categories = [clothes] * len(paths)
+    points, failures, _ = run_on_files(predictor, paths, categories, cfg.batch_size, cfg.num_workers)
+    own = list(CATEGORY_KEYPOINTS[clothes])
+    rows = [
+        {"image": str(path), "category": clothes,
+         "keypoints": {KEYPOINT_NAMES[k]: [float(v) for v in pts[k]] for k in own}}
+        for path, pts in zip(paths, points, strict=True)
+        if not np.isnan(pts[own, 0]).any()
+    ]  # fmt: skip
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "points.json").write_text(json.dumps(rows, indent=1))
+    columns = [f"{KEYPOINT_NAMES[k]}_{a}" for k in own for a in ("x", "y", "score")]
+    lines = ["image,category," + ",".join(columns)]
+    for row in rows:
+        values = [f"{v:.2f}" for k in own for v in row["keypoints"][KEYPOINT_NAMES[k]]]
+        lines.append(f"{row['image']},{clothes}," + ",".join(values))
+    (out_dir / "points.csv").write_text("\n".join(lines) + "\n")
+    summary = {"points": str(out_dir / "points.csv"), "images": len(rows), "failed": len(failures),
+               "failures": failures}  # fmt: skip
+    return summary, paths, categories, points
+
+
 def predict(cfg: DictConfig) -> dict:
     """Runs as ``cfg`` says; returns the paths it wrote and the counts."""
-    out_dir = Path(cfg.output_dir)
-    predictor = predictor_from_cfg(cfg)
-    summary: dict = {"output_dir": str(out_dir)}
-    if cfg.test_csv:
-        records = read_csv(cfg.test_csv, image_root=cfg.get("image_root"), missing_images="ignore")
-        unsupported = sorted({r.category for r in records} - set(predictor.categories))
-        if unsupported:
-            raise ValueError(f"{cfg.test_csv} has garment types {unsupported} that no checkpoint was trained for")
-        paths, categories = [r.image_path for r in records], [r.category for r in records]
-        points, failures, _ = run_on_files(predictor, paths, categories, cfg.batch_size, cfg.num_workers)
-        ok = ~np.isnan(points[:, :, 0]).all(1)
-        sub = write_submission(
-            cfg.submission, [r.image_id for r, k in zip(records, ok, strict=True) if k],
-            [c for c, k in zip(categories, ok, strict=True) if k], points[ok, :, :2],
+    if bool(cfg.test_csv) == bool(cfg.images):
+        raise ConfigError(
+            "test_csv/images", None, "give exactly one",
+            "test_csv=FILE for a submission, or images=FOLDER_OR_LIST clothes=GARMENT_TYPE for your photos",
         )  # fmt: skip
-        summary.update(submission=str(sub), images=int(ok.sum()), failed=len(failures))
-    else:
-        if not cfg.images or not cfg.clothes:
-            raise ValueError("give either test_csv=FILE, or images=FOLDER_OR_LIST with clothes=GARMENT_TYPE")
-        category = check_category(cfg.clothes)
-        paths = list_images(OmegaConf.to_container(cfg.images) if OmegaConf.is_list(cfg.images) else cfg.images)
-        categories = [category] * len(paths)
-        points, failures, _ = run_on_files(predictor, paths, categories, cfg.batch_size, cfg.num_workers)
-        own = list(CATEGORY_KEYPOINTS[category])
-        rows = []
-        for path, pts in zip(paths, points, strict=True):
-            if np.isnan(pts[own, 0]).any():
-                continue
-            rows.append(
-                {
-                    "image": str(path),
-                    "category": category,
-                    "keypoints": {
-                        KEYPOINT_NAMES[k]: [float(pts[k, 0]), float(pts[k, 1]), float(pts[k, 2])] for k in own
-                    },
-                }
-            )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "points.json").write_text(json.dumps(rows, indent=1))
-        with (out_dir / "points.csv").open("w") as f:
-            f.write(
-                "image,category,"
-                + ",".join(f"{KEYPOINT_NAMES[k]}_{a}" for k in own for a in ("x", "y", "score"))
-                + "\n"
-            )
-            for row in rows:
-                values = [f"{v:.2f}" for k in own for v in row["keypoints"][KEYPOINT_NAMES[k]]]
-                f.write(f"{row['image']},{category}," + ",".join(values) + "\n")
-        summary.update(points=str(out_dir / "points.csv"), images=len(rows), failed=len(failures))
+    predictor = predictor_from_cfg(cfg)
+    run = predict_test_csv if cfg.test_csv else predict_photos
+    summary, paths, categories, points = run(cfg, predictor)
+    out_dir = Path(cfg.output_dir)
+    summary = {"output_dir": str(out_dir), **summary}
     if cfg.draw:
         sheet = draw_predictions(paths, categories, points, out_dir, cfg.draw)
         summary["drawn"] = str(sheet) if sheet else None
-    if failures:
-        summary["failures"] = failures
-        log.warning("%d images could not be read and were skipped (first: %s)", len(failures), failures[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "predict_summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("predicted %d images (%d skipped) -> %s", summary["images"], len(failures), out_dir)
+    log.info("predicted %d images (%d unreadable, named above) -> %s", summary["images"], summary["failed"], out_dir)
     return summary
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@report_user_errors("fashionkp-predict")
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

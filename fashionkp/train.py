@@ -10,17 +10,19 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fashionkp.callbacks import AtomicCheckpointIO
-from fashionkp.config import register_resolvers
+from fashionkp.callbacks import AtomicCheckpointIO, NEReport
+from fashionkp.checks import check_train_config
+from fashionkp.config import CONFIG_DIR, register_resolvers
 from fashionkp.dataset import DataConfig, FashionAIDataModule, TargetConfig
+from fashionkp.errors import report_user_errors
 from fashionkp.transforms import AugmentConfig
 
 log = logging.getLogger(__name__)
 register_resolvers()
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def build_datamodule(cfg: DictConfig) -> FashionAIDataModule:
@@ -51,6 +53,15 @@ def hydra_choices() -> dict[str, str]:
     }
 
 
+def run_group(cfg: DictConfig) -> str:
+    """The wandb group: ``group=`` when set; in a multirun, the task and the sweep's folder, so that one
+    sweep's jobs line up together and apart from other sweeps."""
+    group = str(cfg.get("group") or cfg.task_name)
+    if group == cfg.task_name and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{cfg.task_name}-{Path(HydraConfig.get().sweep.dir).name}"
+    return group
+
+
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
     choices = hydra_choices()
@@ -62,11 +73,22 @@ def build_loggers(cfg: DictConfig) -> list:
             if logger_cfg.get("offline", True):
                 os.environ.setdefault("WANDB_MODE", "offline")
             tags = list(cfg.get("tags") or []) + [f"{k}={v}" for k, v in choices.items()]
-            logger = instantiate(logger_cfg, tags=tags)
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                tags.append(f"job={HydraConfig.get().job.num}")
+            logger = instantiate(logger_cfg, tags=tags, group=run_group(cfg))
         else:
             logger = instantiate(logger_cfg)
         loggers.append(logger)
     return loggers
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close wandb runs: Lightning's WandbLogger would otherwise hand the still-open run to the next job
+    of a sweep, which then logs into this job's run."""
+    if any(isinstance(logger, pl.loggers.WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish()
 
 
 def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[pl.Callback]:
@@ -75,23 +97,51 @@ def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[pl.Callback]:
     return [c for c in callbacks if with_logger or not isinstance(c, pl.callbacks.LearningRateMonitor)]
 
 
+def resume_checkpoint(path: str | None) -> str | None:
+    """``ckpt_path`` as given: a checkpoint file, or a run folder whose newest checkpoint is taken
+    (``last.ckpt`` at epoch ends, ``step.ckpt`` every ``callbacks.step_checkpoint.every_n_train_steps``)."""
+    if not path or not Path(path).is_dir():
+        return path
+    folder = Path(path) / "checkpoints" if (Path(path) / "checkpoints").is_dir() else Path(path)
+    candidates = [p for p in (folder / "last.ckpt", folder / "step.ckpt") if p.is_file()]
+    if not candidates:
+        from fashionkp.errors import ConfigError
+
+        raise ConfigError("ckpt_path", path, "no last.ckpt or step.ckpt in this run folder")
+    newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+    log.info("resuming from %s", newest)
+    return str(newest)
+
+
 def train(cfg: DictConfig) -> dict:
-    """Fit a CPN as ``cfg`` says; returns the validation NE, the best checkpoint and the run folder."""
+    """Fit a CPN as ``cfg`` says; returns the validation NE (percent), the best checkpoint and the run folder."""
+    check_train_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
     module = instantiate(cfg.model, _recursive_=False)
     loggers = build_loggers(cfg)
+    try:
+        return _fit(cfg, datamodule, module, loggers, output_dir)
+    finally:
+        finish_loggers(loggers)
+
+
+def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -> dict:
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "choices": hydra_choices()})
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
     trainer: pl.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path")))
+    if "val/ne" not in trainer.callback_metrics and not trainer.interrupted:
+        # A run shorter than check_val_every_n_epoch: validate the final weights rather than report NaN.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
     result = {
+        "unit": "%",
         "val_ne": float(trainer.callback_metrics["val/ne"]) if "val/ne" in trainer.callback_metrics else float("nan"),
         "best_checkpoint": best,
         "last_checkpoint": getattr(checkpoint, "last_model_path", "") if checkpoint else "",
@@ -99,24 +149,28 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
     }
     if cfg.get("validate_best") and best:
+        for callback in trainer.callbacks:
+            if isinstance(callback, NEReport):  # the per-epoch table is for training validations only
+                callback.record_epochs = False
         trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         best_result = module.last_val_result
-        result["best_val_ne"] = best_result.ne
+        result["best_val_ne"] = 100 * best_result.ne
         if trainer.is_global_zero:
             (output_dir / "val_ne_best.json").write_text(
                 json.dumps({"checkpoint": best, **best_result.as_dict()}, indent=2)
             )
     if trainer.is_global_zero:
-        log.info(
-            "validation NE %.4f%% (best checkpoint: %s)", 100 * result.get("best_val_ne", result["val_ne"]), best or "-"
-        )
+        log.info("validation NE %.4f%% (best checkpoint: %s)", result.get("best_val_ne", result["val_ne"]), best or "-")
         (output_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@report_user_errors("fashionkp-train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg)["val_ne"]
+    """The run's validation NE in percent (what a Hydra sweeper minimises)."""
+    result = train(cfg)
+    return result.get("best_val_ne", result["val_ne"])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from fashionkp.cli import main as cli
 from fashionkp.evaluate import evaluate
 from fashionkp.fashionai import read_csv
 from fashionkp.inference import CheckpointError, KeypointPredictor, load_module
-from fashionkp.keypoints import CATEGORY_KEYPOINTS
+from fashionkp.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
+from fashionkp.submission import read_submission
 from fashionkp.predict import predict
 
 
@@ -56,7 +57,7 @@ def test_predict_writes_a_submission_that_score_reads_and_evaluate_agrees(
     ev = _compose("evaluate", [f"checkpoints=[{ckpt}]", f"data.root={synth_data['answers']}", "split=all",
                                f"output_dir={tmp_path / 'eval'}", "num_workers=0", "draw_worst=2"])  # fmt: skip
     result = evaluate(ev)
-    assert result.ne == pytest.approx(scored, abs=1e-6)
+    assert 100 * result.ne == pytest.approx(scored, abs=1e-6)  # files hold percent
     for name in ("metrics.json", "ne_per_keypoint.png", "worst.jpg", "predictions.csv"):
         assert (tmp_path / "eval" / name).is_file()
     # the evaluated images as a test list, predicted again with image ids relative to their split folder
@@ -132,9 +133,16 @@ def test_bad_inputs_are_reported_not_fatal(tiny_checkpoints, synth_data, tmp_pat
     cfg = _compose("predict", [f"checkpoints=[{tiny_checkpoints['a']}]", f"test_csv={broken / 'test.csv'}",
                                f"output_dir={tmp_path / 'out'}", "num_workers=0", "draw=0"])  # fmt: skip
     summary = predict(cfg)
-    assert summary["images"] == 3 and summary["failed"] == 2
+    assert summary["images"] == 3 and summary["failed"] == 2 and summary["mean_shape_rows"] == 2
     assert any("missing.jpg" in f for f in summary["failures"]) and any("corrupt.jpg" in f for f in summary["failures"])
-    assert len(Path(summary["submission"]).read_text().splitlines()) == 4
+    # a row for every test image, or the scorer rejects the file: unreadable ones get the training mean shape
+    submission = read_submission(summary["submission"])
+    assert len(submission) == 5
+    ckpt = torch.load(tiny_checkpoints["a"], map_location="cpu", weights_only=False)
+    dress = CATEGORIES.index("dress")
+    own = list(CATEGORY_KEYPOINTS["dress"])
+    corrupt = submission[str(tmp_path / "corrupt.jpg")][1]
+    assert np.allclose(corrupt[own], np.round(np.asarray(ckpt["mean_shape"])[dress, own]))
 
 
 def test_checkpoint_errors_are_clear(tiny_checkpoints, tmp_path, synth_data):

