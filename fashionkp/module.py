@@ -156,6 +156,10 @@ class CPNModule(pl.LightningModule):
         kwargs = {}
         if "total_steps" in inspect.signature(make.func).parameters:
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            # Counting the steps made Lightning build and start the training loader before a resumed run's
+            # checkpoint is restored: drop it, so that the loader is made again with its saved position (the
+            # epoch and the batches already done; see ResumableLoader) rather than at epoch 0's start.
+            self.trainer.fit_loop._combined_loader = None
         scheduler = make(optimizer, **kwargs)
         config = {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

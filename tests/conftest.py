@@ -71,3 +71,48 @@ class CrashAtEpoch:
                     raise SystemExit(f"simulated crash at epoch {epoch}")
 
         return _Crash()
+
+
+class KillAtStep:
+    """A callback that kills its own process with SIGKILL after an optimizer step, as a power cut would:
+    no exception handler, no atexit, no flush (for mid-epoch resume tests)."""
+
+    def __new__(cls, step: int):
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Kill(pl.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Kill()
+
+
+def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+    """Run one of the repository's entry scripts as a user would; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=environment,
+    )  # fmt: skip
+
+
+class PoisonAtStep:
+    """A callback that puts a NaN into the weights before a step, as a diverging run would."""
+
+    def __new__(cls, step: int):
+        import pytorch_lightning as pl
+        import torch
+
+        class _Poison(pl.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                if trainer.global_step == step:
+                    with torch.no_grad():
+                        next(module.parameters()).fill_(float("nan"))
+
+        return _Poison()

@@ -1,0 +1,153 @@
+"""Sweeps, wandb, DDP, mid-epoch resume, bf16 decoding, diverging runs, runs without validation: each
+test here failed on the code before its fix."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, compose_train, run_cli
+
+from fashionkp.train import train
+
+
+def test_a_sequential_wandb_sweep_gives_each_job_its_own_run(tmp_path, synth_data):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in TINY if not o.startswith("logger=")]
+    done = run_cli("train.py", ["-m", "clothes=skirt,dress", *overrides, "logger=wandb", "debug=fdr",
+                                "~logger.csv", f"data.root={synth_data['train']}", f"hydra.sweep.dir={sweep}"],
+                   cwd=tmp_path, env={"WANDB_MODE": "offline"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2
+    ids = []
+    for job, (own, other) in zip(jobs, (("skirt", "dress"), ("dress", "skirt")), strict=True):
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"{job.name}: {runs}"  # job 2 used to log into job 1's run
+        ids.append(runs[0].name.rsplit("-", 1)[1])
+        # An offline run keeps its tags and config in its .wandb record file: this job's, not the other's.
+        record = next(runs[0].glob("run-*.wandb")).read_bytes()
+        # (the command line, "clothes=skirt,dress", is in both: only JSON config values are quoted)
+        assert f"clothes={own}".encode() in record and f'"{own}"'.encode() in record
+        assert f'"{other}"'.encode() not in record
+        assert b"train-sweep" in record  # the sweep's group
+    assert ids[0] != ids[1]
+
+
+def test_ddp_breakdown_equals_a_single_process(tmp_path, synth_data):
+    """Every number of val_ne_best.json under 2-process gloo DDP equals one process's on the same images."""
+    import pytorch_lightning as pl
+
+    from fashionkp.inference import load_module
+    from fashionkp.train import build_datamodule
+
+    common = [*TINY, "clothes=all", f"data.root={synth_data['train']}", "data.val_fraction=0.35"]
+    run = tmp_path / "ddp"
+    done = run_cli("train.py", [*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                "trainer.precision=32-true", "trainer.sync_batchnorm=false", "trainer.max_epochs=1",
+                                "validate_best=true", f"hydra.run.dir={run}"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads((run / "val_ne_best.json").read_text())
+    cfg = compose_train(common, tmp_path / "single")
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    assert len(datamodule.val_set) % 2 == 1  # uneven shards: every image still scored exactly once
+    module = load_module(ddp["checkpoint"])
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
+        module, datamodule=datamodule, verbose=False
+    )
+    single = module.last_val_result.as_dict()
+    assert ddp["counted"] == single["counted"] and ddp["counted_per_category"] == single["counted_per_category"]
+    assert ddp["skipped"] == single["skipped"]
+    # Equal to 1e-6 relative: each DDP process runs the float32 forward on other batches with its own thread
+    # count, which moves heatmaps in the last bits (a shard's breakdown alone is off by whole percent).
+    assert ddp["ne"] == pytest.approx(single["ne"], rel=1e-6)
+    assert ddp["per_category"] == pytest.approx(single["per_category"], rel=1e-6)
+    assert ddp["per_keypoint"] == pytest.approx(single["per_keypoint"], rel=1e-6)
+    assert set(ddp["per_category"]) == {"blouse", "outwear", "dress", "skirt", "trousers"}
+
+
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, synth_data):
+    # 36 training images, batch 4: 9 steps an epoch; a rolling step checkpoint every 3 steps; one data
+    # worker, so that batches are fetched ahead of the training loop as in real runs.
+    common = [*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=2",
+              "data.num_workers=1", "callbacks.step_checkpoint.every_n_train_steps=3",
+              "model.scheduler.warmup_steps=4"]  # fmt: skip
+    full = train(compose_train(common, tmp_path / "full"))
+    assert full["global_step"] == 18
+    killed = tmp_path / "killed"
+    done = run_cli("train.py", [*common, "+callbacks.kill._target_=conftest.KillAtStep", "+callbacks.kill.step=13",
+                                f"hydra.run.dir={killed}"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == -9
+    step_ckpt = _checkpoint(killed / "checkpoints" / "step.ckpt")
+    assert step_ckpt["global_step"] == 12  # mid-epoch: 3 of the second epoch's 9 steps done
+    assert not list((killed / "checkpoints").glob(".*.tmp"))
+    resumed = train(compose_train([*common, f"ckpt_path={killed}"], tmp_path / "resumed"))
+    a, b = _checkpoint(Path(full["last_checkpoint"])), _checkpoint(Path(resumed["last_checkpoint"]))
+    assert a["global_step"] == b["global_step"] == 18
+    for key, value in a["state_dict"].items():  # bitwise: same data, same order, same arithmetic on CPU
+        assert torch.equal(value, b["state_dict"][key]), key
+    opt_a, opt_b = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert opt_a["param_groups"][0]["lr"] == opt_b["param_groups"][0]["lr"]
+    for k, state in opt_a["state"].items():
+        assert torch.equal(state["exp_avg"], opt_b["state"][k]["exp_avg"])
+        assert torch.equal(state["exp_avg_sq"], opt_b["state"][k]["exp_avg_sq"])
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def test_decoding_stays_fp32_under_bf16_autocast(synth_data, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}"], tmp_path)
+    module = instantiate(cfg.model, _recursive_=False)
+    rng = np.random.default_rng(0)
+    heatmaps = torch.from_numpy(rng.random((3, 4, 16, 16)).astype(np.float32))
+    matrices = torch.tensor([[[0.25, 0.0, 0.0], [0.0, 0.25, 0.0]]] * 3, dtype=torch.float64)
+    reference = module.image_points(heatmaps, matrices)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_bf16 = module.image_points(heatmaps, matrices)
+    np.testing.assert_array_equal(under_bf16, reference)
+
+
+def test_a_bf16_mixed_cpu_run_trains_and_validates(synth_data, tmp_path):
+    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.precision=bf16-mixed",
+                         "trainer.max_epochs=1"], tmp_path)  # fmt: skip
+    result = train(cfg)
+    assert result["global_step"] == 2 and np.isfinite(result["val_ne"])
+
+
+def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(synth_data, tmp_path):
+    from fashionkp.module import NonFiniteLossError
+
+    common = [*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=3",
+              "callbacks.step_checkpoint.every_n_train_steps=2", "+callbacks.poison._target_=conftest.PoisonAtStep",
+              "+callbacks.poison.step=5"]  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 5 \(epoch 0\)"):
+        train(compose_train(common, tmp_path))
+    kept = _checkpoint(tmp_path / "checkpoints" / "step.ckpt")
+    assert kept["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_run_shorter_than_the_validation_interval_still_reports_its_ne(synth_data, tmp_path):
+    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1",
+                         "trainer.check_val_every_n_epoch=5"], tmp_path)  # fmt: skip
+    result = train(cfg)
+    assert np.isfinite(result["val_ne"])
+    assert np.isfinite(json.loads((tmp_path / "result.json").read_text())["val_ne"])
+    assert len((tmp_path / "val_ne.csv").read_text().splitlines()) == 2  # header + the final validation
+
+
+def test_the_best_checkpoint_validation_adds_no_row_to_the_epoch_table(synth_data, tmp_path):
+    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=2",
+                         "validate_best=true"], tmp_path)  # fmt: skip
+    result = train(cfg)
+    rows = (tmp_path / "val_ne.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "0", "1"]
+    best = json.loads((tmp_path / "val_ne_best.json").read_text())
+    assert best["unit"] == "%" and best["ne"] == pytest.approx(result["best_val_ne"])
