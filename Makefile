@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint demo bench clean
+.PHONY: help install test test-slow test-all lint demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,11 +22,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install fashionkp (editable, with dev extras); quick when done
 	@echo "fashionkp installed in $(VENV)"
 
-test: $(STAMP) ## run the test suite (tests on real data skip when ../shared/data is absent)
+test: $(STAMP) ## the test suite, under 5 minutes on 2 cores (slow tests: make test-all)
 	$(PY) -m pytest -q --durations=12
 
-test-all: $(STAMP) ## the test suite plus the slow real-data tests
-	$(PY) -m pytest -q -m ""
+test-slow: $(STAMP) ## only the slow tests: real-data training, the README's training commands
+	$(PY) -m pytest -q -m slow --durations=12
+
+test-all: $(STAMP) ## every test, fast and slow
+	$(PY) -m pytest -q -m "" --durations=12
 
 lint: $(STAMP) ## ruff check and format check
 	$(VENV)/bin/ruff check fashionkp tests benchmarks train.py evaluate.py predict.py

@@ -18,7 +18,8 @@ from hydra import compose, initialize_config_dir
 from fashionkp.cli import main as cli
 from fashionkp.predict import predict
 from fashionkp.synth import generate
-from fashionkp.train import CONFIG_DIR, train
+from fashionkp.config import CONFIG_DIR
+from fashionkp.train import train
 
 
 def run(out: Path, n_per_category: int, epochs: int, overrides: list[str]) -> dict:
@@ -32,7 +33,7 @@ def run(out: Path, n_per_category: int, epochs: int, overrides: list[str]) -> di
             f"trainer.max_epochs={epochs}", *overrides,
         ])  # fmt: skip
         result = train(train_cfg)
-        print(f"      validation NE {100 * result['best_val_ne']:.2f}%  ({result['global_step']} steps)")
+        print(f"      validation NE {result['best_val_ne']:.2f}%  ({result['global_step']} steps)")
         print("[3/4] predicting the synthetic test split into a submission")
         pred_cfg = compose("predict", overrides=[
             f"checkpoints=[{result['best_checkpoint']}]", f"test_csv={paths['test_csv']}",
@@ -43,8 +44,8 @@ def run(out: Path, n_per_category: int, epochs: int, overrides: list[str]) -> di
     cli(["score", str(paths["answers"]), summary["submission"], "--json", str(out / "test_score.json")])
     test_ne = json.loads((out / "test_score.json").read_text())["ne"]
     outputs = {
-        "validation NE": f"{100 * result['best_val_ne']:.2f}%",
-        "test NE": f"{100 * test_ne:.2f}%",
+        "validation NE": f"{result['best_val_ne']:.2f}%",
+        "test NE": f"{test_ne:.2f}%",
         "data": str(out / "data"),
         "checkpoint": result["best_checkpoint"],
         "training curve": str(Path(result["output_dir"]) / "curves.png"),

@@ -13,7 +13,7 @@ from fashionkp.models.cpn import CPNOutput
 @dataclass
 class LossConfig:
     #: Extra weight on foreground pixels, (1 + pos_weight * target): without it the loss sits on the
-    #: all-background solution for a long time (see DESIGN.md, measured on CPU).
+    #: all-background solution for a long time (measured on CPU: -5.4 NE points on real photos, README).
     pos_weight: float = 20.0
     #: Fraction of a sample's labelled keypoints kept by OHKM (M = ceil(ratio * K)); 1.0 = OHKM off.
     ohkm_ratio: float = 0.5

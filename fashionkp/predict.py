@@ -83,6 +83,7 @@ def predict_photos(cfg: DictConfig, predictor: KeypointPredictor) -> tuple[dict,
     clothes = (cfg.get("clothes") or {}).get("name")
     if not clothes or clothes == ALL:
         raise ConfigError("clothes", clothes, "give the garment type of the photos", CATEGORIES)
+    predictor.members_for(clothes)  # a model for this garment type, before any photo is read
     paths = list_images(cfg.images)
     categories = [clothes] * len(paths)
     points, failures, _ = run_on_files(predictor, paths, categories, cfg.batch_size, cfg.num_workers)

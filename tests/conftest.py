@@ -116,3 +116,13 @@ class PoisonAtStep:
                         next(module.parameters()).fill_(float("nan"))
 
         return _Poison()
+
+
+@pytest.fixture(scope="session")
+def skirt_checkpoint(synth_data, tmp_path_factory) -> Path:
+    """A one-epoch clothes=skirt checkpoint (a per-type model)."""
+    from fashionkp.train import train
+
+    run = tmp_path_factory.mktemp("ckpt_skirt")
+    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1"], run)
+    return Path(train(cfg)["last_checkpoint"])

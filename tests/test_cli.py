@@ -1,3 +1,4 @@
+import json
 import pytest
 
 from fashionkp.cli import main
@@ -42,3 +43,32 @@ def test_draw_and_synth_commands(tmp_path, synth_data):
     assert cv2.imread(str(out)).shape[1] == 4 * 256
     assert main(["synth", str(tmp_path / "s"), "--n-per-category", "1"]) == 0
     assert (tmp_path / "s" / "train" / "Annotations" / "annotations.csv").is_file()
+
+
+def test_predict_on_your_own_photos_from_the_command_line(tiny_checkpoints, synth_data, tmp_path):
+    """The README's command, as printed: a config-group garment type and a single checkpoint path."""
+    import shutil
+
+    from conftest import run_cli
+
+    photos = tmp_path / "my_photos"
+    photos.mkdir()
+    for source in sorted((synth_data["train"] / "Images" / "dress").glob("*.jpg"))[:2]:
+        shutil.copy(source, photos / source.name)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 half a jpeg")
+    shutil.copy(tiny_checkpoints["a"], tmp_path / "dress.ckpt")
+    out = tmp_path / "out"
+    done = run_cli("predict.py", ["checkpoints=[dress.ckpt]", "images=my_photos/", "clothes=dress",
+                                  f"hydra.run.dir={out}"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = (out / "points.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("image,category,neckline_left_x,neckline_left_y,neckline_left_score")
+    assert all(",dress," in r for r in rows[1:])
+    assert "broken.jpg" in done.stdout + done.stderr  # the unreadable photo is named
+    summary = json.loads((out / "predict_summary.json").read_text())
+    assert summary["images"] == 2 and summary["failed"] == 1
+    # one path without brackets is a list of one
+    again = run_cli("predict.py", ["checkpoints=dress.ckpt", "images=my_photos/", "clothes=dress", "draw=0",
+                                   f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "again" / "points.csv").read_text() == (out / "points.csv").read_text()

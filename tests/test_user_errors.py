@@ -1,0 +1,129 @@
+"""Known user errors: one line naming the key, file, row or value, exit status 2, no traceback."""
+
+import sys
+import time
+
+import pytest
+from conftest import TINY, run_cli
+
+
+def _entry(module: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run an entry point in this process as its console script would, for speed: (exit status, stderr)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    # Hydra's log handlers would outlive pytest's captured streams: keep them off in-process.
+    monkeypatch.setattr(sys, "argv", [module, *args, "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
+    start = time.monotonic()
+    done = run_cli("train.py", ["model.decoder=drak", f"data.root={synth_data['train']}"], cwd=tmp_path)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "fashionkp-train: error: model.decoder='drak': not a valid choice (choices: dark, seed, argmax)"
+    ]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert elapsed < 30  # no data read, no model built: only Python's imports
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("resolution=500", "resolution=500: the input side must be a positive multiple of 32"),
+        ("data.root=/no/such/split", "data.root='/no/such/split': no such folder or CSV file"),
+        ("backbone.name=resnet5", "backbone.name='resnet5': not a timm model"),
+        ("backbone.name=vit_tiny_patch16_224", "backbone.name='vit_tiny_patch16_224': no feature maps at strides"),
+        ("trainer.precision=bf15", "trainer.precision='bf15': not a valid choice"),
+        ("logger.wandb.offline=false", "logger.wandb.offline=False: online wandb needs an account on this machine"),
+        ("ckpt_path=/no/such.ckpt", "ckpt_path='/no/such.ckpt': no such checkpoint file or run folder"),
+    ],
+)
+def test_training_config_mistakes_get_one_line(override, line, synth_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    args = [f"data.root={synth_data['train']}", "logger=wandb", *TINY[:2], override, f"hydra.run.dir={tmp_path}"]
+    code, err = _entry("fashionkp.train", args, monkeypatch, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fashionkp-train: error: {line}"), err
+
+
+def test_no_data_root_says_which_key_to_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FASHIONAI_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, err = _entry("fashionkp.train", [f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
+    assert code == 2
+    assert err.strip() == (
+        "fashionkp-train: error: data.root='data/fashionai/train': no such folder or CSV file (give a FashionAI "
+        "split folder holding Images/ and Annotations/: data.root=/path/to/split, a list data.root=[/a,/b], "
+        "or set FASHIONAI_DIR)"
+    )
+
+
+def test_pretrained_weights_that_cannot_be_had_are_refused_at_once(synth_data, tmp_path, monkeypatch, capsys):
+    from fashionkp import checks
+
+    monkeypatch.setattr(checks, "_reachable", lambda host: False)  # as on a machine without the hub
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr("timm.models._hub.check_cached_file", lambda *a, **k: False)
+    args = [f"data.root={synth_data['train']}", "backbone=resnet50", f"hydra.run.dir={tmp_path}"]
+    code, err = _entry("fashionkp.train", args, monkeypatch, capsys)
+    assert code == 2
+    assert "backbone.pretrained=True: ImageNet weights for 'resnet50.tv_in1k' cannot be had" in err
+    assert "backbone.weights=/path/to/weights.pth" in err and len(err.strip().splitlines()) == 1
+
+
+def _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra) -> list[str]:
+    return [f"checkpoints=[{tiny_checkpoints['a']}]", f"test_csv={synth_data['test_csv']}", "num_workers=0", "draw=0",
+            f"hydra.run.dir={tmp_path / 'out'}", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["decoder=drak"], "decoder='drak': not a valid choice (choices: dark, seed, argmax)"),
+        (["weights=[1,2]"], "weights=[1, 2]: 2 ensemble weights for 1 checkpoints"),
+        (["checkpoints=/no/such.ckpt"], "checkpoints='/no/such.ckpt': no such checkpoint file"),
+        (["scales=[0]"], "scales=[0]: must be a list of positive factors (e.g. [1.0] or [1.0,1.25])"),
+    ],
+)
+def test_prediction_mistakes_get_one_line(extra, line, tiny_checkpoints, synth_data, tmp_path, monkeypatch, capsys):
+    code, err = _entry("fashionkp.predict", _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra),
+                       monkeypatch, capsys)  # fmt: skip
+    assert code == 2 and err.strip() == f"fashionkp-predict: error: {line}"
+
+
+def test_a_file_that_is_not_a_checkpoint(tiny_checkpoints, synth_data, tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "notes.ckpt"
+    fake.write_text("not a checkpoint")
+    code, err = _entry("fashionkp.evaluate", [f"checkpoints={fake}", f"data.root={synth_data['train']}",
+                                              f"hydra.run.dir={tmp_path}", "backend=torch"], monkeypatch, capsys)  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"fashionkp-evaluate: error: {fake}: cannot read checkpoint (truncated or not a checkpoint)")
+
+
+def test_a_test_csv_with_an_unknown_category(tiny_checkpoints, synth_data, tmp_path, monkeypatch, capsys):
+    csv = tmp_path / "test.csv"
+    csv.write_text("image_id,image_category\nImages/skirt/a.jpg,skirt\nImages/hat/b.jpg,hat\n")
+    code, err = _entry("fashionkp.predict", [f"checkpoints={tiny_checkpoints['a']}", f"test_csv={csv}",
+                                             f"hydra.run.dir={tmp_path}"], monkeypatch, capsys)  # fmt: skip
+    assert code == 2
+    assert err.strip() == (
+        f"fashionkp-predict: error: {csv}:3, column image_category: unknown category 'hat' "
+        "(expected one of blouse, outwear, dress, skirt, trousers)"
+    )
+
+
+def test_a_garment_type_the_model_was_not_trained_for(skirt_checkpoint, synth_data, tmp_path, monkeypatch, capsys):
+    photos = next((synth_data["train"] / "Images" / "dress").glob("*.jpg")).parent
+    code, err = _entry("fashionkp.predict", [f"checkpoints={skirt_checkpoint}", f"images={photos}", "clothes=dress",
+                                             f"hydra.run.dir={tmp_path / 'out'}"], monkeypatch, capsys)  # fmt: skip
+    assert code == 2
+    assert err.strip() == (
+        "fashionkp-predict: error: no model for garment type 'dress': the checkpoints were trained for ['skirt']"
+    )
