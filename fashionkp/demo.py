@@ -16,9 +16,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from fashionkp.cli import main as cli
+from fashionkp.config import CONFIG_DIR
 from fashionkp.predict import predict
 from fashionkp.synth import generate
-from fashionkp.config import CONFIG_DIR
 from fashionkp.train import train
 
 

@@ -226,7 +226,9 @@ class KeypointPredictor:
         members = [m for m in self.members if m.runner.clothes in (category, ALL)]
         if not members:
             trained = sorted({m.runner.clothes for m in self.members})
-            raise GarmentTypeError(f"no model for garment type {category!r}: the checkpoints were trained for {trained}")
+            raise GarmentTypeError(
+                f"no model for garment type {category!r}: the checkpoints were trained for {trained}"
+            )
         return members
 
     def _member_heatmaps(self, member: Member, images: list[np.ndarray], grid: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ from fashionkp.evaluate import evaluate
 from fashionkp.fashionai import read_csv
 from fashionkp.inference import CheckpointError, KeypointPredictor, load_module
 from fashionkp.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
-from fashionkp.submission import read_submission
 from fashionkp.predict import predict
+from fashionkp.submission import read_submission
 
 
 def _compose(name: str, overrides: list[str]):

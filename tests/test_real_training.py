@@ -1,8 +1,8 @@
 """A short training run on real FashionAI photos: the loss falls and the NE beats the mean shape."""
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 from conftest import FASHIONAI_TRAIN, compose_train, needs_shared
 
 from fashionkp.dataset import split_records

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, compose_train
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 CLOTHES = ["blouse", "dress", "outwear", "skirt", "trousers"]
 
@@ -100,14 +100,6 @@ def test_slurm_ddp_sweep_submits_one_array_job_per_garment(tmp_path):
         assert job.args[2] == index  # hydra.job.num
 
 
-def _hparams_search(name: str) -> str:
-    """``hparams_search=<name>`` once train.yaml's defaults list the group (``- hparams_search: null``),
-    ``+hparams_search=<name>`` while they do not."""
-    defaults = OmegaConf.load(ROOT / "conf" / "train.yaml").defaults
-    listed = any(isinstance(entry, DictConfig) and "hparams_search" in entry for entry in defaults)
-    return f"{'' if listed else '+'}hparams_search={name}"
-
-
 def test_optuna_search_runs_trials_and_reports_the_best(synth_data, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     space = OmegaConf.load(ROOT / "conf" / "hparams_search" / "optuna.yaml").hydra.sweeper.params
@@ -115,7 +107,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(synth_data, tmp_path):
 
     sweep_dir = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "train.py", "-m", _hparams_search("optuna"), "hydra.sweeper.n_trials=2", *TINY, "debug=fdr"]
+        [sys.executable, "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY, "debug=fdr"]
         + [f"data.root={synth_data['train']}", f"hydra.sweep.dir={sweep_dir}"],
         cwd=ROOT,
         capture_output=True,

@@ -101,8 +101,8 @@ def test_prediction_mistakes_get_one_line(extra, line, tiny_checkpoints, synth_d
 def test_a_file_that_is_not_a_checkpoint(tiny_checkpoints, synth_data, tmp_path, monkeypatch, capsys):
     fake = tmp_path / "notes.ckpt"
     fake.write_text("not a checkpoint")
-    code, err = _entry("fashionkp.evaluate", [f"checkpoints={fake}", f"data.root={synth_data['train']}",
-                                              f"hydra.run.dir={tmp_path}", "backend=torch"], monkeypatch, capsys)  # fmt: skip
+    args = [f"checkpoints={fake}", f"data.root={synth_data['train']}", f"hydra.run.dir={tmp_path}", "backend=torch"]
+    code, err = _entry("fashionkp.evaluate", args, monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"fashionkp-evaluate: error: {fake}: cannot read checkpoint (truncated or not a checkpoint)")
 
