@@ -3,6 +3,7 @@ seconds with one line naming the key, the value and what would work, not five ep
 
 from __future__ import annotations
 
+import netrc
 import os
 import socket
 from collections.abc import Sequence
@@ -149,14 +150,16 @@ def check_loggers(cfg: DictConfig) -> None:
 
 
 def wandb_api_key() -> str | None:
+    """The key wandb would log in with: ``WANDB_API_KEY``, or the .netrc entry ``wandb login`` writes."""
     if os.environ.get("WANDB_API_KEY"):
         return os.environ["WANDB_API_KEY"]
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc")).expanduser()
     try:
-        from wandb.sdk.lib.apikey import api_key
-
-        return api_key()
-    except Exception:  # an unreadable .netrc or a changed wandb API: treat as not logged in
+        entry = netrc.netrc(str(path)).authenticators(host) if path.is_file() else None
+    except (netrc.NetrcParseError, OSError):  # an unreadable .netrc holds no usable key either
         return None
+    return entry[2] if entry else None
 
 
 def check_inference_config(cfg: DictConfig) -> None:

@@ -127,3 +127,19 @@ def test_a_garment_type_the_model_was_not_trained_for(skirt_checkpoint, synth_da
     assert err.strip() == (
         "fashionkp-predict: error: no model for garment type 'dress': the checkpoints were trained for ['skirt']"
     )
+
+
+def test_online_wandb_is_allowed_once_logged_in(tmp_path, monkeypatch, synth_data):
+    from conftest import compose_train
+
+    from fashionkp.checks import check_loggers
+    from fashionkp.errors import ConfigError
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = compose_train(["logger=wandb", "logger.wandb.offline=false", f"data.root={synth_data['train']}"], tmp_path)
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="wandb login"):
+        check_loggers(cfg)
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # what `wandb login` writes
+    check_loggers(cfg)
