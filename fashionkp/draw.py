@@ -88,7 +88,8 @@ def save_image(path: Path | str, image: np.ndarray) -> Path:
     return path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +98,8 @@ def _pyplot():
     return plt
 
 
-def _save_figure(plt, fig, path: Path | str) -> Path:
+def save_figure(plt, fig, path: Path | str) -> Path:
+    """Lay out, write and close a figure."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ def _save_figure(plt, fig, path: Path | str) -> Path:
 
 def plot_curves(losses: Sequence[tuple[int, float]], val_ne: Sequence[tuple[int, float]], path: Path | str) -> Path:
     """Training loss per step (left axis, log scale) and validation NE in percent (right axis)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if losses:
         s, v = zip(*losses, strict=True)
@@ -122,16 +124,16 @@ def plot_curves(losses: Sequence[tuple[int, float]], val_ne: Sequence[tuple[int,
         ax2.plot(s, [100 * x for x in v], "o-", color="tab:red", label="val NE")
         ax2.set_ylabel("validation NE (%)", color="tab:red")
     ax.set_title("fashionkp training")
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_bars(values: dict[str, float], path: Path | str, title: str, ylabel: str = "NE (%)") -> Path:
     """A bar chart (values in fractions, drawn in percent), e.g. NE per keypoint."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [n for n in KEYPOINT_NAMES if n in values] + [n for n in values if n not in KEYPOINT_NAMES]
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(names) + 2), 4))
     ax.bar(range(len(names)), [100 * values[n] for n in names], color="tab:blue")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)

@@ -395,7 +395,7 @@ def write_csv(runs: list[Run], path: Path | str) -> Path:
 def plot(runs: list[Run], path: Path | str) -> Path | None:
     """Grouped bars, one group per run with an NE (best first): overall NE (labelled) and NE per category, in
     percent. None when no run has an NE."""
-    from fashionkp.draw import _pyplot, _save_figure
+    from fashionkp.draw import pyplot, save_figure
 
     rated = [r for r in runs if r.ne is not None]
     if not rated:
@@ -404,7 +404,7 @@ def plot(runs: list[Run], path: Path | str) -> Path | None:
     _, cells = override_column(rated)
     series = [("overall", [r.ne for r in rated])]
     series += [(c, [r.per_category.get(c, math.nan) for r in rated]) for c in cats]
-    plt = _pyplot()
+    plt = pyplot()
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 1.5 + len(rated) * (0.18 * len(series) + 0.4))), 4.8))
     for i, (label, values) in enumerate(series):
@@ -421,7 +421,7 @@ def plot(runs: list[Run], path: Path | str) -> Path | None:
     ax.set_ylim(0, 1.3 * max(v for _, values in series for v in values if math.isfinite(v)))
     ax.legend(ncol=len(series), fontsize=8, loc="upper left")
     ax.set_title("validation NE per run (%, lower is better)")
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def write_report(root: Path | str, out: Path | str | None = None) -> tuple[str, dict[str, Path]]:
