@@ -74,8 +74,8 @@ def check_train_config(cfg: DictConfig) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt and not Path(ckpt).exists():
         raise ConfigError("ckpt_path", ckpt, "no such checkpoint file or run folder")
+    check_loggers(cfg)  # before the backbone: offline, the weights check would hide this one
     check_backbone(cfg.backbone)
-    check_loggers(cfg)
 
 
 def check_backbone(backbone: DictConfig) -> None:
