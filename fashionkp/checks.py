@@ -17,7 +17,8 @@ from fashionkp.errors import ConfigError
 from fashionkp.heatmaps import DECODERS
 from fashionkp.keypoints import CATEGORIES
 
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+#: Lightning's precision names, aliases included (Hydra reads `32` as an int: compared as text).
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16", "64-true", "64")
 MISSING_IMAGES = ("error", "skip", "ignore")
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -35,7 +36,7 @@ def as_list(value) -> list:
 
 def choice(cfg: DictConfig, key: str, choices: Sequence) -> None:
     value = OmegaConf.select(cfg, key)
-    if value not in choices:
+    if str(value) not in map(str, choices):
         raise ConfigError(key, value, "not a valid choice", choices)
 
 
@@ -123,6 +124,8 @@ def weights_unreachable(name: str) -> str | None:
         hosts.append(urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname)
     if url:
         hosts.append(urlparse(url).hostname)
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # behind a proxy a direct probe proves nothing: let the download try
     if any(_reachable(h) for h in hosts if h):
         return None
     return f"not in the local cache and {' / '.join(h for h in hosts if h)} cannot be reached (offline?)"
@@ -163,18 +166,14 @@ def wandb_api_key() -> str | None:
 
 
 def check_inference_config(cfg: DictConfig) -> None:
-    """predict.py / evaluate.py: checkpoints, ensemble weights, decoder, scales, backend."""
+    """predict.py / evaluate.py: the checkpoint files and the test scales."""
     checkpoints = as_list(cfg.checkpoints)
     if not checkpoints:
         raise ConfigError("checkpoints", [], "no checkpoint given", "checkpoints=a.ckpt or checkpoints=[a.ckpt,b.ckpt]")
     for path in checkpoints:
         if not Path(path).is_file():
             raise ConfigError("checkpoints", str(path), "no such checkpoint file")
-    weights = as_list(cfg.get("weights"))
-    if weights and len(weights) != len(checkpoints):
-        raise ConfigError("weights", weights, f"{len(weights)} ensemble weights for {len(checkpoints)} checkpoints")
-    choice(cfg, "decoder", DECODERS)
-    choice(cfg, "backend", BACKENDS)
+    # decoder, backend and ensemble weights: checked by KeypointPredictor, for the Python API too
     scales = as_list(cfg.scales)
     if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
         raise ConfigError("scales", scales, "must be a list of positive factors", "e.g. [1.0] or [1.0,1.25]")

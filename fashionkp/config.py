@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -10,7 +11,21 @@ from omegaconf import OmegaConf
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
+#: Longest sweep job folder name made from overrides: file systems refuse names over 255 bytes.
+MAX_DIRNAME = 150
+
+
+def short_dirname(name: str) -> str:
+    """``name`` cut to :data:`MAX_DIRNAME` characters, with a hash of the whole so that cut names stay apart."""
+    if len(name) <= MAX_DIRNAME:
+        return name
+    return f"{name[: MAX_DIRNAME - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def register_resolvers() -> None:
-    """``${fkp_div:a,b}`` = a / b (e.g. the heatmap sigma from the input resolution)."""
+    """``${fkp_div:a,b}`` = a / b (e.g. the heatmap sigma from the input resolution); ``${fkp_short:name}``
+    a folder name kept short (:func:`short_dirname`)."""
     if not OmegaConf.has_resolver("fkp_div"):
         OmegaConf.register_new_resolver("fkp_div", lambda a, b: float(a) / float(b))
+    if not OmegaConf.has_resolver("fkp_short"):
+        OmegaConf.register_new_resolver("fkp_short", lambda name: short_dirname(str(name)))

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fashionkp.errors import ConfigError
 from fashionkp.fashionai import Record, read_splits
 from fashionkp.heatmaps import gaussian_targets, input_to_heatmap
 from fashionkp.images import load_image
@@ -243,10 +244,11 @@ class FashionAIDataModule(pl.LightningDataModule):
         if cfg.limit_train:
             train = train[: cfg.limit_train]
         if not train or not val:
-            raise ValueError(
-                f"empty {'training' if not train else 'validation'} split for clothes={self.clothes} from "
-                f"{cfg.root} (val_fraction={cfg.val_fraction}, {len(records)} records)"
-            )
+            raise ConfigError(
+                "data.val_fraction", cfg.val_fraction,
+                f"leaves an empty {'training' if not train else 'validation'} split for clothes={self.clothes} "
+                f"({len(records)} images in {cfg.root})",
+            )  # fmt: skip
         log.info("clothes=%s: %d training and %d validation images", self.clothes, len(train), len(val))
         self.mean_shape = mean_shape(train)
         self.train_set = KeypointDataset(train, self.clothes, self.input_size, cfg.targets, cfg.augment, cfg.seed)

@@ -12,7 +12,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from fashionkp.checks import as_list, check_data_root
+from fashionkp.checks import as_list, check_data_root, choice
 from fashionkp.config import CONFIG_DIR, register_resolvers
 from fashionkp.dataset import split_records
 from fashionkp.draw import draw_keypoints, grid_sheet, plot_bars, save_image, side_by_side
@@ -30,8 +30,7 @@ register_resolvers()
 def evaluate(cfg: DictConfig) -> NEResult:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.split not in ("val", "all"):
-        raise ConfigError("split", cfg.split, "not a valid choice", ("val", "all"))
+    choice(cfg, "split", ("val", "all"))
     root = as_list(cfg.data.root)
     check_data_root(root)
     predictor = predictor_from_cfg(cfg)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fashionkp.checks import as_list, check_inference_config
+from fashionkp.checks import BACKENDS, as_list, check_inference_config
 from fashionkp.errors import ConfigError, UserError
 from fashionkp.heatmaps import DECODERS, decode, flip_back, to_image_points
 from fashionkp.images import ImageReadError, load_image, to_rgb8
@@ -192,12 +192,12 @@ class KeypointPredictor:
         if not checkpoints:
             raise ConfigError("checkpoints", [], "no checkpoint given")
         if decoder not in DECODERS:
-            raise ConfigError("decoder", decoder, "unknown decoder", DECODERS)
+            raise ConfigError("decoder", decoder, "not a valid choice", DECODERS)
         weights = list(weights) if weights else [1.0] * len(checkpoints)
         if len(weights) != len(checkpoints):
             raise ConfigError("weights", weights, f"{len(weights)} ensemble weights for {len(checkpoints)} checkpoints")
-        if backend not in ("auto", "torch", "onnx"):
-            raise ConfigError("backend", backend, "unknown backend", ("auto", "torch", "onnx"))
+        if backend not in BACKENDS:
+            raise ConfigError("backend", backend, "not a valid choice", BACKENDS)
         self.device = _device(device)
         # On CPU onnxruntime is the fastest path, then channels_last PyTorch (benchmarks/bench_inference.py);
         # on GPU PyTorch with cudnn's own layout.

@@ -90,9 +90,10 @@ class CPNModule(pl.LightningModule):
         """
         flip_test = self.hparams.flip_test if flip_test is None else flip_test
         images = self._prepare(images)
-        heatmaps = (output or self.model(images)).refine_heatmaps
+        # fp32 from here on: under bf16 autocast the flip average would otherwise round in bf16 too
+        heatmaps = (output or self.model(images)).refine_heatmaps.float()
         if flip_test:
-            mirrored = self.model(images.flip(-1)).refine_heatmaps
+            mirrored = self.model(images.flip(-1)).refine_heatmaps.float()
             heatmaps = 0.5 * (heatmaps + flip_back(mirrored, flip_permutation(self.hparams.clothes)))
         return heatmaps
 

@@ -61,7 +61,8 @@ class _Reading:
 
 
 def _percent(ne: Any, per_category: dict, unit: str | None, what: str) -> tuple[float, dict[str, float]]:
-    """NE figures in percent: files with ``"unit": "%"`` hold percent, files without a unit and NE < 1.5 fractions."""
+    """NE figures in percent: JSON files with ``"unit": "%"`` and logged metrics hold percent; JSON files from before
+    the unit (no ``"unit"`` key) with NE < 1.5 hold fractions."""
     if isinstance(ne, bool) or not isinstance(ne, int | float) or not math.isfinite(ne):
         raise ValueError(f"{what} is {ne!r}")
     if unit is None:
@@ -96,7 +97,7 @@ def _read_csv_logger(path: Path) -> _Reading | None:
         raise ValueError("no row with val/ne")
     last = rows[-1]  # after fit, validate_best logs the best checkpoint's validation last
     per_category = {c: last.get(f"val/ne_{c}") for c in CATEGORIES}
-    ne, per_category = _percent(float(last["val/ne"]), per_category, None, "val/ne")
+    ne, per_category = _percent(float(last["val/ne"]), per_category, "%", "val/ne")  # logged in percent
     return _Reading(ne, per_category, int(last["step"]) if last.get("step") else None, "csv/metrics.csv")
 
 
@@ -181,7 +182,7 @@ def _read_wandb(path: Path) -> _Reading | None:
         _, summary, source = _wandb_run(run)
         if "val/ne" in summary:
             per_category = {c: summary.get(f"val/ne_{c}") for c in CATEGORIES}
-            ne, per_category = _percent(summary["val/ne"], per_category, None, "val/ne")
+            ne, per_category = _percent(summary["val/ne"], per_category, "%", "val/ne")  # logged in percent
             return _Reading(ne, per_category, summary.get("trainer/global_step"), str(Path(source).relative_to(path)))
     raise ValueError("no val/ne in its summary")
 

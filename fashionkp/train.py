@@ -19,6 +19,7 @@ from fashionkp.checks import check_train_config
 from fashionkp.config import CONFIG_DIR, register_resolvers
 from fashionkp.dataset import DataConfig, FashionAIDataModule, TargetConfig
 from fashionkp.errors import report_user_errors
+from fashionkp.module import NonFiniteLossError
 from fashionkp.transforms import AugmentConfig
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,15 @@ def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -
 @report_user_errors("fashionkp-train")
 def main(cfg: DictConfig) -> float:
     """The run's validation NE in percent (what a Hydra sweeper minimises)."""
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as e:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # One diverging job of a sweep (an Optuna trial with too high a learning rate) is its worst result,
+        # not the end of the sweep.
+        log.error("fashionkp-train: %s", e)
+        return float("inf")
     return result.get("best_val_ne", result["val_ne"])
 
 

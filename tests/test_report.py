@@ -141,14 +141,14 @@ def test_a_synced_wandb_run_is_read_from_its_summary_and_config_files(tmp_path):
     _hydra(tmp_path / "0_baseline", "+ablation=baseline")
     _write(tmp_path / "0_baseline" / "result.json", '{"val_ne": 11.25, "global_step": 10}')
     files = tmp_path / "1_res160" / "wandb" / "run-20260101_000000-abcd1234" / "files"
-    _write(files / "wandb-summary.json", '{"val/ne": 0.105, "val/ne_trousers": 0.1, "trainer/global_step": 20}')
+    _write(files / "wandb-summary.json", '{"val/ne": 10.5, "val/ne_trousers": 10.0, "trainer/global_step": 20}')
     config = {"wandb_version": 1, "_wandb": {"value": {"cli_version": "0.31.0"}},
               "config": {"desc": None, "value": {"seed": 42, "data": {"root": "/d"}}},
               "choices": {"desc": None, "value": {"ablation": "res160"}}}  # fmt: skip
     _write(files / "config.yaml", yaml.safe_dump(config))
     runs = collect(tmp_path)
     assert [(r.name, r.ne, r.steps) for r in runs] == [("1", pytest.approx(10.5), 20), ("0", 11.25, 10)]
-    assert runs[0].per_category == pytest.approx({"trousers": 10.0})  # an old run: fractions
+    assert runs[0].per_category == pytest.approx({"trousers": 10.0})  # logged metrics are in percent
     assert runs[0].source == "wandb/run-20260101_000000-abcd1234/files/wandb-summary.json"
     assert runs[0].overrides == ["seed=42", "ablation=res160"]
     assert [r.distinct for r in runs] == [["ablation=res160"], ["ablation=baseline"]]
