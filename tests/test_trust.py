@@ -156,8 +156,8 @@ def test_the_best_checkpoint_validation_adds_no_row_to_the_epoch_table(synth_dat
 def test_a_diverging_job_does_not_end_its_sweep(synth_data, tmp_path):
     sweep = tmp_path / "sweep"
     poison = ["+callbacks.poison.step=1,1000", "+callbacks.poison._target_=conftest.PoisonAtStep"]
-    done = run_cli("train.py", ["-m", *poison, *TINY, "clothes=skirt", "trainer.max_epochs=1",
-                                f"data.root={synth_data['train']}", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)  # fmt: skip
+    args = ["-m", *poison, *TINY, "clothes=skirt", "trainer.max_epochs=1", f"data.root={synth_data['train']}"]
+    done = run_cli("train.py", [*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training loss is nan at step 1" in done.stdout + done.stderr
     results = sorted(sweep.glob("*/result.json"))
