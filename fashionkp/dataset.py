@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fashionkp.checks import as_list
 from fashionkp.errors import ConfigError
 from fashionkp.fashionai import Record, read_splits
 from fashionkp.heatmaps import gaussian_targets, input_to_heatmap
@@ -236,9 +237,9 @@ class FashionAIDataModule(pl.LightningDataModule):
         if not cfg.root:
             raise ValueError("data.root is empty: give a FashionAI split folder (or a list of them)")
         categories = None if self.clothes == ALL else [self.clothes]
-        records = read_splits(_as_list(cfg.root), categories, cfg.missing_images)
+        records = read_splits(as_list(cfg.root), categories, cfg.missing_images)
         if cfg.val_root:
-            train, val = records, read_splits(_as_list(cfg.val_root), categories, cfg.missing_images)
+            train, val = records, read_splits(as_list(cfg.val_root), categories, cfg.missing_images)
         else:
             train, val = split_records(records, cfg.val_fraction, cfg.val_salt)
         if cfg.limit_train:
@@ -275,7 +276,3 @@ class FashionAIDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
-
-
-def _as_list(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)

@@ -15,10 +15,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fashionkp.callbacks import AtomicCheckpointIO, NEReport
-from fashionkp.checks import check_train_config
+from fashionkp.checks import as_list, check_train_config
 from fashionkp.config import CONFIG_DIR, register_resolvers
 from fashionkp.dataset import DataConfig, FashionAIDataModule, TargetConfig
-from fashionkp.errors import report_user_errors
+from fashionkp.errors import ConfigError, report_user_errors
 from fashionkp.module import NonFiniteLossError
 from fashionkp.transforms import AugmentConfig
 
@@ -36,8 +36,7 @@ def build_datamodule(cfg: DictConfig) -> FashionAIDataModule:
         else None
     )
     data_cfg = DataConfig(
-        root=OmegaConf.to_container(d.root) if OmegaConf.is_list(d.root) else d.root,
-        val_root=OmegaConf.to_container(d.val_root) if OmegaConf.is_list(d.val_root) else d.val_root,
+        root=as_list(d.root), val_root=as_list(d.val_root) or None,
         val_fraction=d.val_fraction, val_salt=d.val_salt, batch_size=d.batch_size, num_workers=d.num_workers,
         missing_images=d.missing_images, limit_train=d.limit_train, seed=cfg.seed, augment=augment,
         targets=TargetConfig(cfg.heatmap.sigma, cfg.heatmap.global_sigma, include_occluded=d.include_occluded),
@@ -106,8 +105,6 @@ def resume_checkpoint(path: str | None) -> str | None:
     folder = Path(path) / "checkpoints" if (Path(path) / "checkpoints").is_dir() else Path(path)
     candidates = [p for p in (folder / "last.ckpt", folder / "step.ckpt") if p.is_file()]
     if not candidates:
-        from fashionkp.errors import ConfigError
-
         raise ConfigError("ckpt_path", path, "no last.ckpt or step.ckpt in this run folder")
     newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
     log.info("resuming from %s", newest)
