@@ -1,6 +1,6 @@
 """python predict.py checkpoints=[model.ckpt] test_csv=test.csv  (see conf/predict.yaml)"""
 
-from fashionkp.predict import main
+from fashionkp.inference.predict import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """python train.py clothes=dress backbone=senet154  (see conf/train.yaml)"""
 
-from fashionkp.train import main
+from fashionkp.training.train import main
 
 if __name__ == "__main__":
     main()

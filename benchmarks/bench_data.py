@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 
-from fashionkp.dataset import KeypointDataset, TargetConfig  # noqa: E402
-from fashionkp.fashionai import read_splits  # noqa: E402
-from fashionkp.transforms import AugmentConfig  # noqa: E402
+from fashionkp.data.dataset import KeypointDataset, TargetConfig  # noqa: E402
+from fashionkp.data.fashionai import read_splits  # noqa: E402
+from fashionkp.data.transforms import AugmentConfig  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashionai" / "train"
 
@@ -32,7 +32,7 @@ def main() -> None:
     if REAL.is_dir():
         records, source = read_splits(REAL), f"real FashionAI photos ({REAL})"
     else:
-        from fashionkp.synth import generate
+        from fashionkp.data.synth import generate
 
         tmp = Path(tempfile.mkdtemp())
         records, source = read_splits(generate(tmp, 40, progress=False)["train"]), "synthetic garments (no ../shared)"

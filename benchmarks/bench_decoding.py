@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median_seconds, print_table  # noqa: E402
 
-from fashionkp.heatmaps import decode, gaussian_targets  # noqa: E402
+from fashionkp.data.codec import decode, gaussian_targets  # noqa: E402
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median_seconds, print_table  # noqa: E402
 
-from fashionkp.losses import LossConfig, cpn_loss  # noqa: E402
+from fashionkp.training.losses import LossConfig, cpn_loss  # noqa: E402
 from fashionkp.models import CPN, build_backbone  # noqa: E402
 
 

@@ -11,27 +11,17 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from fashionkp.config import as_list
+from fashionkp.data.codec import DECODERS
+from fashionkp.data.keypoints import CATEGORIES
 from fashionkp.errors import ConfigError
-from fashionkp.heatmaps import DECODERS
-from fashionkp.keypoints import CATEGORIES
 
 #: Lightning's precision names, aliases included (Hydra reads `32` as an int: compared as text).
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16", "64-true", "64")
 MISSING_IMAGES = ("error", "skip", "ignore")
 BACKENDS = ("auto", "torch", "onnx")
-
-
-def as_list(value) -> list:
-    """A config value that may be one item or a list (``checkpoints=a.ckpt`` or ``checkpoints=[a.ckpt]``)."""
-    if value is None:
-        return []
-    if isinstance(value, (ListConfig, DictConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, (str, Path, int, float)):
-        return [value]
-    return list(value)
 
 
 def choice(cfg: DictConfig, key: str, choices: Sequence) -> None:
@@ -55,14 +45,14 @@ def check_data_root(roots: Sequence, key: str = "data.root") -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Everything ``train(cfg)`` would trip over late, checked at once."""
     choice(cfg, "clothes.name", (*CATEGORIES, "all"))
-    choice(cfg, "model.decoder", DECODERS)
+    choice(cfg, "heatmap.decoder", DECODERS)
     choice(cfg, "model.refine_upsample", ("bilinear", "deconv"))
     choice(cfg, "data.missing_images", MISSING_IMAGES)
     choice(cfg, "trainer.precision", PRECISIONS)
     resolution = cfg.resolution
     if not isinstance(resolution, int) or resolution <= 0 or resolution % 32:
         raise ConfigError("resolution", resolution, "the input side must be a positive multiple of 32", "e.g. 192, 256")
-    for key in ("heatmap.sigma", "model.optimizer.lr", "data.batch_size"):
+    for key in ("heatmap.sigma", "heatmap.decode_sigma", "model.optimizer.lr", "data.batch_size"):
         value = OmegaConf.select(cfg, key)
         if value is not None and not value > 0:
             raise ConfigError(key, value, "must be positive")

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionkp.data.fashionai import FashionAIFormatError
 from fashionkp.errors import UserError
-from fashionkp.fashionai import FashionAIFormatError
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from fashionkp.fashionai import keypoints_array, read_csv
-    from fashionkp.metric import normalized_error
-    from fashionkp.submission import read_submission
+    from fashionkp.data.fashionai import keypoints_array, read_csv
+    from fashionkp.data.submission import read_submission
+    from fashionkp.evaluation.metric import normalized_error
 
     answers = read_csv(args.answers, missing_images="ignore")
     submission = read_submission(args.submission)
@@ -43,9 +43,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_draw(args: argparse.Namespace) -> int:
+    from fashionkp.data.fashionai import read_splits
+    from fashionkp.data.images import load_image
     from fashionkp.draw import draw_keypoints, grid_sheet, save_image
-    from fashionkp.fashionai import read_splits
-    from fashionkp.images import load_image
 
     records = read_splits(args.split, args.category and [args.category])
     rng = np.random.default_rng(args.seed)
@@ -57,7 +57,7 @@ def cmd_draw(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from fashionkp.synth import generate
+    from fashionkp.data.synth import generate
 
     paths = generate(args.out_dir, args.n_per_category, args.n_test_per_category, args.seed, args.max_side)
     for k, v in paths.items():
@@ -66,21 +66,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_concat(args: argparse.Namespace) -> int:
-    from fashionkp.submission import concat_submissions
+    from fashionkp.data.submission import concat_submissions
 
     print(concat_submissions(args.inputs, args.out))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fashionkp.export import export_onnx
+    from fashionkp.inference.export import export_onnx
 
     print(export_onnx(args.checkpoint, args.out, args.opset))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fashionkp.report import write_report
+    from fashionkp.evaluation.report import write_report
 
     table, paths = write_report(args.root, args.out)
     print(table)

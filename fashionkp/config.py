@@ -1,11 +1,11 @@
-"""Where the Hydra configs live and the OmegaConf resolvers they use."""
+"""Where the Hydra configs live, the OmegaConf resolvers they use, and reading one-or-many values."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 #: The configs ship inside the package, so an installed wheel finds them from any folder.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -29,3 +29,14 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("fkp_div", lambda a, b: float(a) / float(b))
     if not OmegaConf.has_resolver("fkp_short"):
         OmegaConf.register_new_resolver("fkp_short", lambda name: short_dirname(str(name)))
+
+
+def as_list(value) -> list:
+    """A config value that may be one item or a list (``checkpoints=a.ckpt`` or ``checkpoints=[a.ckpt]``)."""
+    if value is None:
+        return []
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, (str, Path, int, float)):
+        return [value]
+    return list(value)

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 
 from fashionkp.cli import main as cli
 from fashionkp.config import CONFIG_DIR
-from fashionkp.predict import predict
-from fashionkp.synth import generate
-from fashionkp.train import train
+from fashionkp.data.synth import generate
+from fashionkp.inference.predict import predict
+from fashionkp.training.train import train
 
 
 def run(out: Path, n_per_category: int, epochs: int, overrides: list[str]) -> dict:

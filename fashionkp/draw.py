@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fashionkp.keypoints import CATEGORY_KEYPOINTS, KEYPOINT_NAMES, NUM_KEYPOINTS, skeleton_for
+from fashionkp.data.keypoints import CATEGORY_KEYPOINTS, KEYPOINT_NAMES, NUM_KEYPOINTS, skeleton_for
 
 
 def _palette() -> list[tuple[int, int, int]]:

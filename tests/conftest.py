@@ -19,7 +19,7 @@ needs_shared = pytest.mark.skipif(not FASHIONAI_TRAIN.is_dir(), reason="../share
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> dict[str, Path]:
     """A small synthetic FashionAI-format dataset (10 train + 2 test images per garment type)."""
-    from fashionkp.synth import generate
+    from fashionkp.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("synth"), n_per_category=10, n_test_per_category=2, seed=7, progress=False)
 
@@ -28,7 +28,7 @@ def compose_train(overrides: list[str], output_dir: Path, hydra_config: bool = F
     """The training config as Hydra composes it from conf/, with a concrete output folder."""
     from hydra import compose, initialize_config_dir
 
-    import fashionkp.train  # noqa: F401  (registers the config resolvers)
+    import fashionkp.training.train  # noqa: F401  (registers the config resolvers)
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose(
@@ -47,7 +47,7 @@ TINY = [
 @pytest.fixture(scope="session")
 def tiny_checkpoints(synth_data, tmp_path_factory) -> dict[str, Path]:
     """Two quickly trained clothes=all checkpoints (different seeds/widths) on the synthetic data."""
-    from fashionkp.train import train
+    from fashionkp.training.train import train
 
     out = {}
     for name, extra in {"a": ["seed=1"], "b": ["seed=2", "model.width=24", "resolution=96"]}.items():
@@ -121,7 +121,7 @@ class PoisonAtStep:
 @pytest.fixture(scope="session")
 def skirt_checkpoint(synth_data, tmp_path_factory) -> Path:
     """A one-epoch clothes=skirt checkpoint (a per-type model)."""
-    from fashionkp.train import train
+    from fashionkp.training.train import train
 
     run = tmp_path_factory.mktemp("ckpt_skirt")
     cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1"], run)

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from fashionkp.cli import main
-from fashionkp.fashionai import read_csv
-from fashionkp.submission import read_submission, write_submission
+from fashionkp.data.fashionai import read_csv
+from fashionkp.data.submission import read_submission, write_submission
 
 
 def test_score_rejects_bad_submissions_with_exit_2(tmp_path, synth_data, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import FASHIONAI_TRAIN, needs_shared
 
-from fashionkp.fashionai import HEADER, FashionAIFormatError, read_csv, read_splits
+from fashionkp.data.fashionai import HEADER, FashionAIFormatError, read_csv, read_splits
 
 ABSENT = ",".join(["-1_-1_-1"] * 24)
 
@@ -80,7 +80,7 @@ def test_reads_the_real_training_split():
     }  # fmt: skip
     assert all(r.image_path.is_file() for r in records[:50])
     # only the category's own points are ever annotated
-    from fashionkp.keypoints import category_mask
+    from fashionkp.data.keypoints import category_mask
 
     for r in records:
         assert (r.keypoints[~category_mask(r.category), 2] == -1).all()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fashionkp.heatmaps import decode, flip_back, gaussian_targets, heatmap_to_input, input_to_heatmap
+from fashionkp.data.codec import decode, flip_back, gaussian_targets, heatmap_to_input, input_to_heatmap
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fashionkp.images import ImageReadError, load_image, to_rgb8
+from fashionkp.data.images import ImageReadError, load_image, to_rgb8
 
 
 def test_layouts_become_rgb8(tmp_path):

@@ -8,16 +8,16 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from fashionkp.cli import main as cli
-from fashionkp.evaluate import evaluate
-from fashionkp.fashionai import read_csv
-from fashionkp.inference import CheckpointError, KeypointPredictor, load_module
-from fashionkp.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
-from fashionkp.predict import predict
-from fashionkp.submission import read_submission
+from fashionkp.evaluation.evaluate import evaluate
+from fashionkp.data.fashionai import read_csv
+from fashionkp.inference.predictor import CheckpointError, KeypointPredictor, load_module
+from fashionkp.data.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
+from fashionkp.inference.predict import predict
+from fashionkp.data.submission import read_submission
 
 
 def _compose(name: str, overrides: list[str]):
-    import fashionkp.train  # noqa: F401  (resolvers)
+    import fashionkp.training.train  # noqa: F401  (resolvers)
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose(name, overrides=overrides)
@@ -35,7 +35,7 @@ def test_python_api_gives_points_in_original_pixels(tiny_checkpoints, synth_data
     own = list(CATEGORY_KEYPOINTS[record.category])
     assert points.shape == (24, 3)
     assert np.isfinite(points[own]).all() and np.isnan(np.delete(points, own, axis=0)).all()
-    from fashionkp.images import load_image
+    from fashionkp.data.images import load_image
 
     h, w = load_image(record.image_path).shape[:2]
     assert (points[own, 0] >= 0).all() and (points[own, 0] <= w - 1).all() and (points[own, 1] <= h - 1).all()
@@ -72,7 +72,7 @@ def test_predict_writes_a_submission_that_score_reads_and_evaluate_agrees(
 
 def test_flip_test_and_ensembles_of_different_sizes(tiny_checkpoints, synth_data):
     records = read_csv(synth_data["answers"])
-    from fashionkp.images import load_image
+    from fashionkp.data.images import load_image
 
     images, cats = [load_image(r.image_path) for r in records], [r.category for r in records]
     a, b = tiny_checkpoints["a"], tiny_checkpoints["b"]
@@ -96,21 +96,21 @@ def test_onnx_export_matches_pytorch(tiny_checkpoints, synth_data, tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "model.onnx"
     assert cli(["export", str(tiny_checkpoints["a"]), str(out)]) == 0
-    from fashionkp.inference import OnnxHeatmapRunner, TorchHeatmapRunner
+    from fashionkp.inference.predictor import OnnxHeatmapRunner, TorchHeatmapRunner
 
     images = (np.random.default_rng(0).random((3, 3, 64, 64)) * 255).astype(np.float32)
     torch_hm = TorchHeatmapRunner(tiny_checkpoints["a"], torch.device("cpu"))(images)
     onnx_hm = OnnxHeatmapRunner(out)(images)  # batch of 3 through a graph traced with batch 1
     assert torch.allclose(torch_hm, onnx_hm, atol=1e-4)
     records = read_csv(synth_data["answers"])
-    from fashionkp.images import load_image
+    from fashionkp.data.images import load_image
 
     imgs, cats = [load_image(r.image_path) for r in records], [r.category for r in records]
     p_torch = KeypointPredictor([tiny_checkpoints["a"]], device="cpu", backend="torch").predict_batch(imgs, cats)
     p_onnx = KeypointPredictor([out]).predict_batch(imgs, cats)
     assert np.allclose(p_torch[..., :2], p_onnx[..., :2], atol=0.05, equal_nan=True)
     # the default CPU path exports once to a cache and runs onnxruntime, multi-scale included
-    from fashionkp.inference import OnnxHeatmapRunner as Ort
+    from fashionkp.inference.predictor import OnnxHeatmapRunner as Ort
 
     auto = KeypointPredictor([tiny_checkpoints["a"]], device="cpu")
     assert isinstance(auto.members[0].runner, Ort)
@@ -159,14 +159,14 @@ def test_checkpoint_errors_are_clear(tiny_checkpoints, tmp_path, synth_data):
 def test_a_garment_model_refuses_other_garments(synth_data, tmp_path):
     from conftest import TINY, compose_train
 
-    from fashionkp.train import train
+    from fashionkp.training.train import train
 
     cfg = compose_train([*TINY, "debug=fdr", "clothes=skirt", f"data.root={synth_data['train']}",
                          "callbacks.model_checkpoint.dirpath=" + str(tmp_path)], tmp_path)  # fmt: skip
     train(cfg)
     import pytorch_lightning as pl  # fast_dev_run writes no checkpoint: save one by hand
 
-    from fashionkp.train import build_datamodule
+    from fashionkp.training.train import build_datamodule
 
     module = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.model, _recursive_=False)
     trainer = pl.Trainer(max_steps=0, logger=False, enable_progress_bar=False)

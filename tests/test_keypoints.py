@@ -1,6 +1,6 @@
 import numpy as np
 
-from fashionkp.keypoints import (
+from fashionkp.data.keypoints import (
     CATEGORY_KEYPOINTS,
     FLIP_INDEX,
     KEYPOINT_NAMES,

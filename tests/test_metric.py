@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import METRIC_CHECK, needs_shared
 
-from fashionkp.keypoints import KEYPOINT_INDEX as K
-from fashionkp.metric import NormalizedError, normalized_error
+from fashionkp.data.keypoints import KEYPOINT_INDEX as K
+from fashionkp.evaluation.metric import NormalizedError, normalized_error
 
 
 def _skirt(points: dict[str, tuple[float, float, int]]) -> np.ndarray:
@@ -57,7 +57,7 @@ def test_torchmetric_accumulates_like_the_function():
     rng = np.random.default_rng(0)
     gt = np.tile(np.array([np.nan, np.nan, -1.0]), (6, 24, 1))
     cats = ["blouse", "skirt", "dress", "trousers", "outwear", "skirt"]
-    from fashionkp.keypoints import CATEGORY_KEYPOINTS
+    from fashionkp.data.keypoints import CATEGORY_KEYPOINTS
 
     for i, c in enumerate(cats):
         pts = list(CATEGORY_KEYPOINTS[c])
@@ -80,8 +80,8 @@ def test_reproduces_the_real_leaderboard_score():
 
     answers = METRIC_CHECK / "test_a_answers.csv"
     submission = METRIC_CHECK / "submission_xiangyu_cas_result_0309_NE23.16.csv"
-    from fashionkp.fashionai import keypoints_array, read_csv
-    from fashionkp.submission import read_submission
+    from fashionkp.data.fashionai import keypoints_array, read_csv
+    from fashionkp.data.submission import read_submission
 
     records = read_csv(answers, missing_images="ignore")
     sub = read_submission(submission)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fashionkp.losses import LossConfig, cpn_loss, ohkm
+from fashionkp.training.losses import LossConfig, cpn_loss, ohkm
 from fashionkp.models import CPN, build_backbone
 from fashionkp.models.backbone import WeightsUnavailableError, offline_weights_file
 

@@ -28,7 +28,7 @@ import pytest
 from conftest import ROOT, compose_train
 from omegaconf import OmegaConf
 
-from fashionkp.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
+from fashionkp.data.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -97,7 +97,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def script_args(text: str) -> tuple[str, list[str]]:
-    """``python train.py a=1 b=2`` -> ("fashionkp.train", ["a=1", "b=2"])."""
+    """``python train.py a=1 b=2`` -> ("fashionkp.training.train", ["a=1", "b=2"])."""
     words = shlex.split(text)
     return f"fashionkp.{Path(words[1]).stem}", words[2:]
 
@@ -110,7 +110,7 @@ def dress_photos(synth_data) -> list[Path]:
 def second_split(synth_data, tmp_path_factory) -> Path:
     """A second training split for data.root=[a,b]: another seed, so other image ids (fashionkp refuses an id
     that is in two splits)."""
-    from fashionkp.synth import generate
+    from fashionkp.data.synth import generate
 
     split = generate(tmp_path_factory.mktemp("second"), 4, 1, seed=8, progress=False)["train"]
     ids = [{p.relative_to(s).as_posix() for p in s.glob("Images/*/*.jpg")} for s in (split, synth_data["train"])]
@@ -123,7 +123,7 @@ def submissions(synth_data, tiny_checkpoints, tmp_path_factory) -> dict[str, Pat
     """submission.csv: predict.py on the synthetic test split; blouse.csv, dress.csv: its rows of one type."""
     out = tmp_path_factory.mktemp("submission")
     args = [f"checkpoints=[{tiny_checkpoints['a']}]", f"test_csv={synth_data['test_csv']}", "draw=0", "num_workers=0"]
-    assert hydra_main("fashionkp.predict", args, out) == 0
+    assert hydra_main("fashionkp.inference.predict", args, out) == 0
     header, *rows = (out / "submission.csv").read_text().splitlines(keepends=True)
     files = {"submission": out / "submission.csv"}
     for category in ("blouse", "dress"):
@@ -137,7 +137,7 @@ def tiny_sweep(synth_data, tmp_path_factory) -> Path:
     """A sweep folder of train.py -m: two ablations of the CPU recipe, one batch each."""
     out = tmp_path_factory.mktemp("sweep")
     args = ["-m", "experiment=fashionai_cpu", f"data.root={synth_data['train']}", "ablation=baseline,ohkm_on"]
-    assert hydra_main("fashionkp.train", [*args, *shrink(args), "debug=fdr"], out) == 0
+    assert hydra_main("fashionkp.training.train", [*args, *shrink(args), "debug=fdr"], out) == 0
     return out
 
 
@@ -188,7 +188,7 @@ class Workspace:
         return text.replace("<run>", RUN).replace("<sweep>", RUN)
 
     def train_tiny(self, args: list[str], run: Path) -> None:
-        assert hydra_main("fashionkp.train", [*args, *shrink(args)], run) == 0
+        assert hydra_main("fashionkp.training.train", [*args, *shrink(args)], run) == 0
 
     def without_wandb_account(self) -> None:
         self.monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -278,11 +278,11 @@ def train(ws: Workspace, text: str) -> None:
 
 
 def infer(ws: Workspace, text: str) -> None:
-    from fashionkp.submission import read_submission
+    from fashionkp.data.submission import read_submission
 
     module, args = script_args(ws.prepare(text))
     assert hydra_main(module, args, ws.out) == 0
-    if module == "fashionkp.evaluate":
+    if module == "fashionkp.evaluation.evaluate":
         jobs = len(sweep_jobs([a for a in args if a != "-m"])) if "-m" in args else 1
         metrics = sorted(ws.out.glob("**/metrics.json"))
         assert len(metrics) == jobs
@@ -299,8 +299,8 @@ def infer(ws: Workspace, text: str) -> None:
 
 def fashionkp(ws: Workspace, text: str) -> None:
     from fashionkp.cli import main
-    from fashionkp.fashionai import read_csv
-    from fashionkp.submission import read_submission
+    from fashionkp.data.fashionai import read_csv
+    from fashionkp.data.submission import read_submission
 
     argv = shlex.split(ws.prepare(text))[1:]
     assert main(argv) == 0

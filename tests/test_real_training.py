@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 from conftest import FASHIONAI_TRAIN, compose_train, needs_shared
 
-from fashionkp.dataset import split_records
-from fashionkp.fashionai import keypoints_array, read_splits
-from fashionkp.metric import normalized_error
+from fashionkp.data.dataset import split_records
+from fashionkp.data.fashionai import keypoints_array, read_splits
+from fashionkp.evaluation.metric import normalized_error
 
 
 def mean_shape_ne(train, val) -> float:
@@ -28,7 +28,7 @@ def mean_shape_ne(train, val) -> float:
 @pytest.mark.slow
 @needs_shared
 def test_short_real_run_learns_skirts(tmp_path):
-    from fashionkp.train import train
+    from fashionkp.training.train import train
 
     cfg = compose_train([
         "clothes=skirt", "backbone=efficientnet_lite0", "resolution=192", "model.width=64", "logger=csv",

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fashionkp.cli import main
-from fashionkp.report import collect, read_wandb_file
+from fashionkp.evaluation.report import collect, read_wandb_file
 
 COMMON = ["experiment=fashionai_cpu", "trainer.accelerator=gpu", "data.root=/data/split", "paths.log_dir=/logs"]
 

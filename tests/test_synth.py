@@ -2,10 +2,10 @@ import hashlib
 
 import numpy as np
 
-from fashionkp.fashionai import read_csv, read_splits
-from fashionkp.images import load_image
-from fashionkp.keypoints import CATEGORY_KEYPOINTS, FLIP_INDEX, KEYPOINT_NAMES, category_mask
-from fashionkp.synth import generate, render
+from fashionkp.data.fashionai import read_csv, read_splits
+from fashionkp.data.images import load_image
+from fashionkp.data.keypoints import CATEGORY_KEYPOINTS, FLIP_INDEX, KEYPOINT_NAMES, category_mask
+from fashionkp.data.synth import generate, render
 
 
 def _digest(folder):

@@ -9,7 +9,7 @@ from conftest import ROOT, TINY, compose_train
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from fashionkp.train import build_datamodule, train
+from fashionkp.training.train import build_datamodule, train
 
 CLOTHES = ["blouse", "dress", "outwear", "skirt", "trousers", "all"]
 
@@ -109,7 +109,7 @@ def test_resume_after_a_crash_is_exact(tmp_path, synth_data):
 def test_wandb_logs_offline_grouped_and_tagged_with_hydra_choices(tmp_path, synth_data, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
 
-    from fashionkp.train import build_loggers
+    from fashionkp.training.train import build_loggers
 
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must come from the config, not the environment
     overrides = [o for o in TINY if not o.startswith("logger=")]

@@ -1,6 +1,6 @@
 import numpy as np
 
-from fashionkp.transforms import (
+from fashionkp.data.transforms import (
     AugmentConfig,
     apply_affine,
     augment_matrix,
@@ -25,7 +25,7 @@ def test_flipped_rotated_sample_round_trips_to_the_original_points():
     kp[:, 2] = 1
     m = augment_matrix(300, 280, 256, rotation_deg=25, scale=0.9, translate=(0.03, -0.02), flip=True)
     out = transform_keypoints(kp, m, True, "all", 256)
-    from fashionkp.keypoints import FLIP_INDEX
+    from fashionkp.data.keypoints import FLIP_INDEX
 
     flip = list(FLIP_INDEX)
     back = apply_affine(out[:, :2], invert_affine(m))[flip]
@@ -42,7 +42,7 @@ def test_flipped_rotated_sample_round_trips_to_the_original_points():
 
 
 def _names():
-    from fashionkp.keypoints import KEYPOINT_NAMES
+    from fashionkp.data.keypoints import KEYPOINT_NAMES
 
     return KEYPOINT_NAMES
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, compose_train, run_cli
 
-from fashionkp.train import train
+from fashionkp.training.train import train
 
 
 def test_a_sequential_wandb_sweep_gives_each_job_its_own_run(tmp_path, synth_data):
@@ -39,8 +39,8 @@ def test_ddp_breakdown_equals_a_single_process(tmp_path, synth_data):
     """Every number of val_ne_best.json under 2-process gloo DDP equals one process's on the same images."""
     import pytorch_lightning as pl
 
-    from fashionkp.inference import load_module
-    from fashionkp.train import build_datamodule
+    from fashionkp.inference.predictor import load_module
+    from fashionkp.training.train import build_datamodule
 
     common = [*TINY, "clothes=all", f"data.root={synth_data['train']}", "data.val_fraction=0.35"]
     run = tmp_path / "ddp"
@@ -122,7 +122,7 @@ def test_a_bf16_mixed_cpu_run_trains_and_validates(synth_data, tmp_path):
 
 
 def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(synth_data, tmp_path):
-    from fashionkp.module import NonFiniteLossError
+    from fashionkp.training.module import NonFiniteLossError
 
     common = [*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=3",
               "callbacks.step_checkpoint.every_n_train_steps=2", "+callbacks.poison._target_=conftest.PoisonAtStep",

@@ -30,6 +30,8 @@ class Backbone(nn.Module):
         self.name = name
         self.body = _create(name, pyramid_indices(name), pretrained, weights)
         self.channels: list[int] = self.body.feature_info.channels()
+        #: Input pixels per feature pixel of each level (4, 8, 16, 32): asked of timm, not assumed.
+        self.reductions: list[int] = self.body.feature_info.reduction()
         cfg = self.body.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1) * 255)

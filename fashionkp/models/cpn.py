@@ -3,8 +3,8 @@ Estimation", CVPR 2018) over any timm backbone.
 
 GlobalNet: FPN-like top-down pyramid over C2..C5 with a heatmap predictor on every level (all of them
 supervised). RefineNet: 0/1/2/3 bottlenecks on P2..P5, upsampling to the P2 grid, concatenation, a
-bottleneck and a predictor. ``refine_upsample="bilinear"`` is the paper's; ``"deconv"`` is the seed
-system's transposed convolutions (kernel 2f, stride f), kept so the two can be compared.
+bottleneck and a predictor. ``refine_upsample="bilinear"`` is the paper's; ``"deconv"`` is the
+reference CPN system's transposed convolutions (kernel 2f, stride f), kept so the two can be compared.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fashionkp.models.backbone import Backbone
+from fashionkp.models.backbone import Backbone, build_backbone
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 1, relu: bool = True) -> nn.Sequential:
@@ -98,15 +98,13 @@ class RefineNet(nn.Module):
 
 @dataclass
 class CPNOutput:
-    #: One (N, K, H/4, W/4) heatmap per pyramid level (P2..P5), all at stride 4.
+    #: One (N, K, H/s, W/s) heatmap per pyramid level (P2..P5), all at the finest level's stride s.
     global_heatmaps: list[torch.Tensor]
-    #: (N, K, H/4, W/4) RefineNet heatmaps: the model's prediction.
+    #: (N, K, H/s, W/s) RefineNet heatmaps: the model's prediction.
     refine_heatmaps: torch.Tensor
 
 
 class CPN(nn.Module):
-    stride = 4
-
     def __init__(
         self, backbone: Backbone, num_keypoints: int, width: int = 256, refine_upsample: str = "bilinear"
     ) -> None:
@@ -115,6 +113,11 @@ class CPN(nn.Module):
         self.num_keypoints = num_keypoints
         self.global_net = GlobalNet(backbone.channels, width, num_keypoints)
         self.refine_net = RefineNet(len(backbone.channels), width, num_keypoints, refine_upsample)
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per heatmap pixel: the heatmaps live on the finest pyramid level's grid."""
+        return self.backbone.reductions[0]
 
     def forward(self, images: torch.Tensor) -> CPNOutput:
         """``images``: (N, 3, H, W) RGB 0..255 floats, H and W multiples of 32."""
@@ -132,3 +135,9 @@ class HeatmapModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pyramid, _ = self.cpn.global_net(self.cpn.backbone(images))
         return self.cpn.refine_net(pyramid)
+
+
+def build_cpn(backbone: dict, num_keypoints: int, width: int, refine_upsample: str) -> CPN:
+    """A CPN from its config values (``backbone``: name, pretrained, weights)."""
+    body = build_backbone(backbone["name"], backbone.get("pretrained", False), backbone.get("weights"))
+    return CPN(body, num_keypoints=num_keypoints, width=width, refine_upsample=refine_upsample)

@@ -12,36 +12,30 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fashionkp.callbacks import AtomicCheckpointIO, NEReport
-from fashionkp.checks import as_list, check_train_config
+from fashionkp.checks import check_train_config
 from fashionkp.config import CONFIG_DIR, register_resolvers
-from fashionkp.dataset import DataConfig, FashionAIDataModule, TargetConfig
 from fashionkp.errors import ConfigError, report_user_errors
-from fashionkp.module import NonFiniteLossError
-from fashionkp.transforms import AugmentConfig
+from fashionkp.training.callbacks import AtomicCheckpointIO, NEReport
+from fashionkp.training.module import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 register_resolvers()
 
 
-def build_datamodule(cfg: DictConfig) -> FashionAIDataModule:
-    d, aug = cfg.data, cfg.augmentation
-    augment = (
-        AugmentConfig(
-            rotation=aug.rotation, scale=tuple(aug.scale), translate=aug.translate, flip=aug.flip, color=aug.color
-        )
-        if aug.enabled
-        else None
-    )
-    data_cfg = DataConfig(
-        root=as_list(d.root), val_root=as_list(d.val_root) or None,
-        val_fraction=d.val_fraction, val_salt=d.val_salt, batch_size=d.batch_size, num_workers=d.num_workers,
-        missing_images=d.missing_images, limit_train=d.limit_train, seed=cfg.seed, augment=augment,
-        targets=TargetConfig(cfg.heatmap.sigma, cfg.heatmap.global_sigma, include_occluded=d.include_occluded),
-    )  # fmt: skip
-    return FashionAIDataModule(data_cfg, cfg.clothes.name, cfg.resolution)
+def apply_deprecated_names(cfg: DictConfig) -> None:
+    """Old option names, accepted for one release with a warning: ``model.decoder`` and
+    ``model.decode_sigma`` (now ``heatmap.*``), ``augmentation=seed`` (now ``flip_rotate``)."""
+    with open_dict(cfg):
+        for key in ("decoder", "decode_sigma"):
+            value = cfg.model.pop(key, None)
+            if value is not None:
+                log.warning("model.%s is deprecated: use heatmap.%s", key, key)
+                cfg.heatmap[key] = value
+        if cfg.get("augmentation") and cfg.augmentation.get("deprecated"):
+            log.warning("%s is deprecated: use %s", hydra_choices().get("augmentation"), cfg.augmentation.deprecated)
+            cfg.augmentation.pop("deprecated")
 
 
 def hydra_choices() -> dict[str, str]:
@@ -113,11 +107,13 @@ def resume_checkpoint(path: str | None) -> str | None:
 
 def train(cfg: DictConfig) -> dict:
     """Fit a CPN as ``cfg`` says; returns the validation NE (percent), the best checkpoint and the run folder."""
+    apply_deprecated_names(cfg)
     check_train_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    datamodule = build_datamodule(cfg)
     module = instantiate(cfg.model, _recursive_=False)
+    # The codec is the model's (its stride is the network's): handed over as an object, not as config.
+    datamodule = instantiate(cfg.data, _partial_=True)(codec=module.codec)
     loggers = build_loggers(cfg)
     try:
         return _fit(cfg, datamodule, module, loggers, output_dir)

@@ -8,8 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionkp.fashionai import HEADER, FashionAIFormatError, format_cell, parse_cell
-from fashionkp.keypoints import CATEGORY_KEYPOINTS, NUM_KEYPOINTS, check_category
+from fashionkp.data.fashionai import HEADER, FashionAIFormatError, format_cell, parse_cell
+from fashionkp.data.keypoints import CATEGORY_KEYPOINTS, NUM_KEYPOINTS, check_category
+
+
+def as_submitted(points: np.ndarray) -> np.ndarray:
+    """Points as a submission file holds them: whole pixels, rounded half to even as :func:`format_cell` writes
+    them. Validation during training and ``evaluate.py`` score these, so both give the NE of the file."""
+    return np.round(points)
 
 
 def write_submission(path: Path | str, image_ids: Sequence[str], categories: Sequence[str], points: np.ndarray) -> Path:

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
-from fashionkp.keypoints import CATEGORIES, KEYPOINT_NAMES
+from fashionkp.data.keypoints import CATEGORIES, KEYPOINT_NAMES
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

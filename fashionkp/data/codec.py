@@ -1,4 +1,8 @@
-"""Heatmap codec: Gaussian targets with sub-pixel centres, and decoders (DARK, the seed rule, argmax).
+"""The heatmap codec: the one place that knows how points become heatmaps and heatmaps become points.
+
+:class:`HeatmapCodec` owns the convention (stride, target sigmas, which points are targets, the decoder and
+its blur). The dataset encodes with it, the model's stride sets it, the predictor (and through it the
+validation during training) decodes with it, and checkpoints and ONNX files carry it.
 
 Heatmap coordinates follow the pixel-centre convention: with stride ``r`` an input point ``x`` sits at
 ``u = (x + 0.5) / r - 0.5`` on the heatmap (exact, not ``x / r``), and back ``x = (u + 0.5) * r - 0.5``.
@@ -6,13 +10,26 @@ Heatmap coordinates follow the pixel-centre convention: with stride ``r`` an inp
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-DECODERS = ("dark", "seed", "argmax")
+log = logging.getLogger(__name__)
+DECODERS = ("dark", "quarter_offset", "argmax")
+#: Old decoder names, accepted for one release with a warning.
+DEPRECATED_DECODERS = {"seed": "quarter_offset"}
+
+
+def decoder_name(name: str) -> str:
+    """``name`` with deprecated aliases replaced (and a warning); unknown names are returned as given."""
+    if name in DEPRECATED_DECODERS:
+        log.warning("decoder=%s is deprecated: use decoder=%s", name, DEPRECATED_DECODERS[name])
+        return DEPRECATED_DECODERS[name]
+    return name
 
 
 def input_to_heatmap(points: np.ndarray | torch.Tensor, stride: int):
@@ -69,11 +86,11 @@ def decode_argmax(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _argmax(heatmaps)
 
 
-def decode_seed(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed system's rule, kept for comparison: 5x5 Gaussian blur, full sort for the two largest
-    values, a quarter-pixel step from the first toward the second, and its ``+2`` input-pixel shift.
+def decode_quarter_offset(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference CPN system's rule, kept for comparison: 5x5 Gaussian blur, full sort for the two
+    largest values, a quarter-pixel step from the first toward the second, and its ``+2`` input-pixel shift.
 
-    The seed mapped heatmap cell ``p`` to input pixel ``4 p + 2``; in this module's convention that
+    That system mapped heatmap cell ``p`` to input pixel ``4 p + 2``; in this module's convention that
     input pixel is heatmap coordinate ``p + 0.125``, which is what is returned (at stride 4).
     """
     n, k, h, w = heatmaps.shape
@@ -123,12 +140,13 @@ def decode_dark(heatmaps: torch.Tensor, sigma: float = 1.0) -> tuple[torch.Tenso
     return coords + offset, score
 
 
-def decode(heatmaps: torch.Tensor, method: str = "dark", sigma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_peaks(heatmaps: torch.Tensor, method: str, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode (N, K, H, W) heatmaps into (N, K, 2) heatmap coordinates and (N, K) peak scores."""
+    method = decoder_name(method)
     if method == "dark":
         return decode_dark(heatmaps, sigma)
-    if method == "seed":
-        return decode_seed(heatmaps)
+    if method == "quarter_offset":
+        return decode_quarter_offset(heatmaps)
     if method == "argmax":
         return decode_argmax(heatmaps)
     raise ValueError(f"unknown decoder {method!r}; expected one of {', '.join(DECODERS)}")
@@ -143,11 +161,63 @@ def flip_back(heatmaps: torch.Tensor, permutation: list[int] | tuple[int, ...]) 
     return heatmaps.flip(-1)[:, list(permutation)]
 
 
-def to_image_points(coords: torch.Tensor | np.ndarray, matrices: np.ndarray, stride: int) -> np.ndarray:
-    """(N, K, 2) heatmap coordinates -> original-image pixels through each sample's inverse affine."""
-    coords = coords.detach().cpu().double().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
-    points = heatmap_to_input(coords, stride)
-    matrices = np.asarray(matrices, dtype=np.float64)
-    full = np.concatenate([matrices, np.broadcast_to([0.0, 0.0, 1.0], (len(matrices), 1, 3))], axis=1)
-    inverse = np.linalg.inv(full)[:, :2]
-    return np.einsum("nij,nkj->nki", inverse[:, :, :2], points) + inverse[:, None, :, 2]
+@dataclass(frozen=True)
+class HeatmapCodec:
+    """Points in input pixels <-> heatmaps at ``stride`` (the model's finest feature map, asked of it).
+
+    ``encode`` makes the training targets of one sample; ``decode`` turns a batch of predicted heatmaps
+    back into input pixels. Everything that moves between the two spaces goes through one codec, so the
+    dataset, the model, the predictor and an exported file cannot disagree on the convention.
+    """
+
+    #: Input pixels per heatmap pixel.
+    stride: int
+    #: Gaussian sigma of the RefineNet targets, in heatmap pixels.
+    sigma: float
+    #: Gaussian sigma of the GlobalNet targets (every pyramid level), in heatmap pixels.
+    global_sigma: float
+    #: ``dark`` | ``quarter_offset`` | ``argmax``.
+    decoder: str
+    #: Blur of the DARK decoder, in heatmap pixels.
+    decode_sigma: float
+    #: Occluded points (v=0) carry a known position; the official metric counts them, so they are targets.
+    include_occluded: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decoder", decoder_name(self.decoder))
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {self.decoder!r}; expected one of {', '.join(DECODERS)}")
+
+    def config(self) -> dict:
+        """Plain values, for checkpoints and ONNX metadata (``HeatmapCodec(**codec.config())`` rebuilds it)."""
+        return asdict(self)
+
+    def to_heatmap(self, points):
+        return input_to_heatmap(points, self.stride)
+
+    def to_input(self, points):
+        return heatmap_to_input(points, self.stride)
+
+    def encode(self, points: np.ndarray, visibility: np.ndarray, input_size: int) -> dict[str, np.ndarray]:
+        """Targets of one sample: ``points`` (K, 2) in input pixels and ``visibility`` (K,) as FashionAI's
+        v (1 visible, 0 occluded, -1 absent or outside the input).
+
+        Returns ``target`` (K, S, S) and ``weight`` (K,), and ``target_global`` when the GlobalNet sigma
+        differs; S is ``input_size / stride``.
+        """
+        size = input_size // self.stride
+        valid = visibility >= (0 if self.include_occluded else 1)
+        centres = self.to_heatmap(points)
+        out = {"target": gaussian_targets(centres, valid, size, size, self.sigma), "weight": valid.astype(np.float32)}
+        if self.global_sigma != self.sigma:
+            out["target_global"] = gaussian_targets(centres, valid, size, size, self.global_sigma)
+        return out
+
+    def decode(self, heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K, H, W) heatmaps -> (N, K, 2) input pixels (float64) and (N, K) peak scores.
+
+        Always in fp32, even under bf16 autocast: DARK's log and Taylor step are sub-pixel arithmetic.
+        """
+        with torch.autocast(heatmaps.device.type, enabled=False):
+            coords, scores = decode_peaks(heatmaps.float(), self.decoder, self.decode_sigma)
+        return self.to_input(coords.double()), scores.float()

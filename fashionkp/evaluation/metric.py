@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from fashionkp.keypoints import CATEGORIES, KEYPOINT_NAMES, NUM_KEYPOINTS, normaliser_indices
+from fashionkp.data.keypoints import CATEGORIES, KEYPOINT_NAMES, NUM_KEYPOINTS, normaliser_indices
 
 _CATEGORY_ID = {c: i for i, c in enumerate(CATEGORIES)}
 

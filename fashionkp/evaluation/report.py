@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from fashionkp.keypoints import CATEGORIES
+from fashionkp.data.keypoints import CATEGORIES
 
 # Files that make a folder a run (besides a wandb/ folder of runs); the NE files in order of preference.
 NE_FILES = ("val_ne_best.json", "result.json", "metrics.json", "csv/metrics.csv")

@@ -1,7 +1,7 @@
 """Geometry and photometry of one sample: every geometric change is one 2x3 affine, applied once.
 
 Matrices map original-image coordinates to input coordinates in the pixel-centre convention of
-:mod:`fashionkp.fashionai`; OpenCV's ``warpAffine`` uses the same convention, so warping the image and
+:mod:`fashionkp.data.fashionai`; OpenCV's ``warpAffine`` uses the same convention, so warping the image and
 transforming the points with the same matrix stay aligned to sub-pixel accuracy (unbiased, UDP-style).
 """
 
@@ -14,7 +14,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from fashionkp.keypoints import flip_permutation
+from fashionkp.data.keypoints import flip_permutation
 
 #: Grey fill of letterbox padding and of pixels rotated in from outside the image.
 FILL_VALUE = (124, 116, 104)
@@ -71,19 +71,27 @@ def warp_image(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-@dataclass
-class AugmentConfig:
-    """Ranges of the random affine and of the colour changes (``none`` = all off)."""
+@dataclass(frozen=True)
+class Augmentation:
+    """Ranges of the random affine and of the colour changes of training samples (``conf/augmentation``)."""
 
-    rotation: float = 30.0
-    scale: tuple[float, float] = (0.75, 1.25)
-    translate: float = 0.05
-    flip: float = 0.5
-    color: bool = True
+    #: Rotation drawn from +-``rotation`` degrees.
+    rotation: float
+    #: Scale factor drawn from [low, high] on top of the letterbox fit.
+    scale: tuple[float, float]
+    #: Shift drawn from +-``translate`` of the input side, in x and y.
+    translate: float
+    #: Probability of a horizontal flip (left/right points swap).
+    flip: float
+    #: Colour jitter, grey and blur/noise.
+    color: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", tuple(self.scale))
 
 
 def random_matrix(
-    rng: np.random.Generator, height: int, width: int, size: int, cfg: AugmentConfig
+    rng: np.random.Generator, height: int, width: int, size: int, cfg: Augmentation
 ) -> tuple[np.ndarray, bool]:
     flip = bool(rng.random() < cfg.flip)
     m = augment_matrix(

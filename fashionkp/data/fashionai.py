@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionkp.data.keypoints import CATEGORIES, KEYPOINT_NAMES, NUM_KEYPOINTS
 from fashionkp.errors import UserError
-from fashionkp.keypoints import CATEGORIES, KEYPOINT_NAMES, NUM_KEYPOINTS
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from fashionkp.fashionai import Record, write_annotations
-from fashionkp.keypoints import CATEGORIES, CATEGORY_KEYPOINTS, KEYPOINT_INDEX, NUM_KEYPOINTS
+from fashionkp.data.fashionai import Record, write_annotations
+from fashionkp.data.keypoints import CATEGORIES, CATEGORY_KEYPOINTS, KEYPOINT_INDEX, NUM_KEYPOINTS
 
 # Canonical garments: x to the image right (FashionAI's "left" points lie at smaller x), y down,
 # units of about half a torso width. Outlines list point names in drawing order; "@x,y" is a plain

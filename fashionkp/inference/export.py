@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fashionkp.inference import load_module
-from fashionkp.models.cpn import HeatmapModel
+from fashionkp.inference.checkpoint import load_checkpoint
+from fashionkp.models import HeatmapModel
 
 DYNAMIC_AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "heatmaps": {0: "batch", 2: "h", 3: "w"}}
 
 
 def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Path:
-    module = load_module(checkpoint)
-    hp = module.hparams
-    model = HeatmapModel(module.model).eval()
-    dummy = torch.rand(1, 3, hp.input_size, hp.input_size) * 255
+    trained = load_checkpoint(checkpoint)
+    model = HeatmapModel(trained.model).eval()
+    dummy = torch.rand(1, 3, trained.input_size, trained.input_size) * 255
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -32,9 +31,11 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
     import onnx
 
     proto = onnx.load(str(out))
-    mean_shape = None if module.mean_shape is None else np.nan_to_num(module.mean_shape, nan=-1).tolist()
-    info = {"clothes": hp.clothes, "input_size": hp.input_size, "decode_sigma": hp.decode_sigma,
-            "backbone": hp.backbone["name"], "checkpoint": str(checkpoint), "mean_shape": mean_shape}  # fmt: skip
+    mean_shape = None if trained.mean_shape is None else np.nan_to_num(trained.mean_shape, nan=-1).tolist()
+    info = {
+        "clothes": trained.clothes, "input_size": trained.input_size, "codec": trained.codec.config(),
+        "backbone": trained.model.backbone.name, "checkpoint": str(checkpoint), "mean_shape": mean_shape,
+    }  # fmt: skip
     entry = proto.metadata_props.add()
     entry.key, entry.value = "fashionkp", json.dumps(info)
     onnx.save(proto, str(out))

@@ -12,15 +12,14 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from fashionkp.checks import as_list
-from fashionkp.config import CONFIG_DIR, register_resolvers
+from fashionkp.config import CONFIG_DIR, as_list, register_resolvers
+from fashionkp.data.fashionai import read_csv
+from fashionkp.data.images import load_image
+from fashionkp.data.keypoints import ALL, CATEGORIES, CATEGORY_KEYPOINTS, KEYPOINT_NAMES
+from fashionkp.data.submission import write_submission
 from fashionkp.draw import draw_keypoints, grid_sheet, save_image
 from fashionkp.errors import ConfigError, report_user_errors
-from fashionkp.fashionai import read_csv
-from fashionkp.images import load_image
-from fashionkp.inference import KeypointPredictor, predictor_from_cfg, run_on_files
-from fashionkp.keypoints import ALL, CATEGORIES, CATEGORY_KEYPOINTS, KEYPOINT_NAMES
-from fashionkp.submission import write_submission
+from fashionkp.inference.predictor import KeypointPredictor, predictor_from_cfg, run_on_files
 
 log = logging.getLogger(__name__)
 register_resolvers()

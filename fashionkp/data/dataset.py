@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,34 +12,24 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fashionkp.checks import as_list
-from fashionkp.errors import ConfigError
-from fashionkp.fashionai import Record, read_splits
-from fashionkp.heatmaps import gaussian_targets, input_to_heatmap
-from fashionkp.images import load_image
-from fashionkp.keypoints import ALL, CATEGORIES, NUM_KEYPOINTS, channels_for, check_category
-from fashionkp.transforms import (
-    AugmentConfig,
+from fashionkp.config import as_list
+from fashionkp.data.codec import HeatmapCodec
+from fashionkp.data.fashionai import Record, read_splits
+from fashionkp.data.images import load_image
+from fashionkp.data.keypoints import ALL, CATEGORIES, NUM_KEYPOINTS, channels_for, check_category
+from fashionkp.data.split import split_records
+from fashionkp.data.transforms import (
+    Augmentation,
     letterbox_matrix,
     photometric,
     random_matrix,
     transform_keypoints,
     warp_image,
 )
+from fashionkp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 CATEGORY_ID = {c: i for i, c in enumerate(CATEGORIES)}
-
-
-@dataclass
-class TargetConfig:
-    """Heatmap targets: Gaussian sigma (heatmap pixels) of RefineNet and of every GlobalNet level."""
-
-    sigma: float = 2.0
-    global_sigma: float = 2.0
-    stride: int = 4
-    #: Occluded points (v=0) carry a known position; the official metric counts them.
-    include_occluded: bool = True
 
 
 class KeypointDataset(Dataset):
@@ -52,9 +40,9 @@ class KeypointDataset(Dataset):
         records: Sequence[Record],
         clothes: str,
         input_size: int,
-        targets: TargetConfig,
-        augment: AugmentConfig | None = None,
-        seed: int = 0,
+        codec: HeatmapCodec,
+        augmentation: Augmentation | None,
+        seed: int,
     ) -> None:
         if not records:
             raise ValueError(f"empty dataset for clothes={clothes!r}")
@@ -64,9 +52,9 @@ class KeypointDataset(Dataset):
         self.clothes = check_category(clothes, allow_all=True)
         self.channels = list(channels_for(clothes))
         self.input_size = input_size
-        self.targets = targets
-        self.augment = augment
-        self.color = photometric(augment.color) if augment else None
+        self.codec = codec
+        self.augmentation = augmentation
+        self.color = photometric(augmentation.color) if augmentation else None
         self.seed = seed
 
     def __len__(self) -> int:
@@ -79,10 +67,10 @@ class KeypointDataset(Dataset):
         image = load_image(record.image_path)
         h, w = image.shape[:2]
         size = self.input_size
-        if self.augment is not None:
+        if self.augmentation is not None:
             # A per-(seed, epoch, index) generator makes augmentation reproducible across workers and resumes.
             rng = np.random.default_rng((self.seed, epoch, index))
-            matrix, flipped = random_matrix(rng, h, w, size, self.augment)
+            matrix, flipped = random_matrix(rng, h, w, size, self.augmentation)
         else:
             matrix, flipped = letterbox_matrix(h, w, size), False
         sample_image = warp_image(image, matrix, size)
@@ -91,23 +79,15 @@ class KeypointDataset(Dataset):
             sample_image = self.color(image=sample_image)["image"]
         gt = record.keypoints
         kp = transform_keypoints(gt[self.channels], matrix, flipped, self.clothes, size)
-        hm_size = size // self.targets.stride
-        points = input_to_heatmap(kp[:, :2], self.targets.stride)
-        min_v = 0 if self.targets.include_occluded else 1
-        valid = kp[:, 2] >= min_v
-        target = gaussian_targets(points, valid, hm_size, hm_size, self.targets.sigma)
+        targets = self.codec.encode(kp[:, :2], kp[:, 2], size)
         sample = {
             "image": torch.from_numpy(sample_image).permute(2, 0, 1).contiguous(),
-            "target": torch.from_numpy(target),
-            "weight": torch.from_numpy(valid.astype(np.float32)),
             "keypoints": torch.from_numpy(gt),
-            "matrix": torch.from_numpy(matrix.astype(np.float64)),
+            # the photo's (h, w): the predictor maps points back into it and clips them to it
+            "size": torch.tensor([h, w]),
             "category": CATEGORY_ID[record.category],
+            **{k: torch.from_numpy(v) for k, v in targets.items()},
         }
-        if self.targets.global_sigma != self.targets.sigma:
-            sample["target_global"] = torch.from_numpy(
-                gaussian_targets(points, valid, hm_size, hm_size, self.targets.global_sigma)
-            )
         return sample
 
 
@@ -191,41 +171,36 @@ def mean_shape(records: Sequence[Record]) -> np.ndarray:
     return out
 
 
-def is_validation(image_id: str, fraction: float, salt: str = "fashionkp") -> bool:
-    """Deterministic split by a hash of the image id: stable across machines, orders and subsets."""
-    digest = hashlib.md5(f"{salt}:{image_id}".encode()).hexdigest()
-    return int(digest[:8], 16) / 0xFFFFFFFF < fraction
-
-
-def split_records(records: Sequence[Record], fraction: float, salt: str = "fashionkp") -> tuple[list, list]:
-    train = [r for r in records if not is_validation(r.image_id, fraction, salt)]
-    val = [r for r in records if is_validation(r.image_id, fraction, salt)]
-    return train, val
-
-
-@dataclass
-class DataConfig:
-    root: Sequence[str] | str = ""
-    #: Separate validation split folder(s); when empty, ``val_fraction`` of ``root`` by image-id hash.
-    val_root: Sequence[str] | str | None = None
-    val_fraction: float = 0.2
-    val_salt: str = "fashionkp"
-    batch_size: int = 16
-    num_workers: int = 2
-    missing_images: str = "error"
-    #: Use at most this many training images (0 = all); for quick runs.
-    limit_train: int = 0
-    seed: int = 0
-    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
-    targets: TargetConfig = field(default_factory=TargetConfig)
-
-
 class FashionAIDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, clothes: str, input_size: int) -> None:
+    """FashionAI split folders -> training and validation loaders for one model (``clothes``).
+
+    Built from ``conf/data`` with ``hydra.utils.instantiate``; the codec is the model's (its stride).
+    """
+
+    def __init__(
+        self,
+        root: Sequence[str] | str,
+        val_root: Sequence[str] | str | None,
+        val_fraction: float,
+        val_salt: str,
+        batch_size: int,
+        num_workers: int,
+        missing_images: str,
+        limit_train: int,
+        seed: int,
+        clothes: str,
+        input_size: int,
+        augmentation: Augmentation | None,
+        codec: HeatmapCodec,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.root, self.val_root = as_list(root), as_list(val_root)
+        self.val_fraction, self.val_salt = val_fraction, val_salt
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.missing_images, self.limit_train, self.seed = missing_images, limit_train, seed
         self.clothes = check_category(clothes, allow_all=True)
         self.input_size = input_size
+        self.augmentation, self.codec = augmentation, codec
         self.train_set: KeypointDataset | None = None
         self.val_set: KeypointDataset | None = None
         self.mean_shape: np.ndarray | None = None
@@ -233,38 +208,37 @@ class FashionAIDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        cfg = self.cfg
-        if not cfg.root:
-            raise ValueError("data.root is empty: give a FashionAI split folder (or a list of them)")
+        if not self.root:
+            raise ConfigError("data.root", [], "no FashionAI split folder given")
         categories = None if self.clothes == ALL else [self.clothes]
-        records = read_splits(as_list(cfg.root), categories, cfg.missing_images)
-        if cfg.val_root:
-            train, val = records, read_splits(as_list(cfg.val_root), categories, cfg.missing_images)
+        records = read_splits(self.root, categories, self.missing_images)
+        if self.val_root:
+            train, val = records, read_splits(self.val_root, categories, self.missing_images)
         else:
-            train, val = split_records(records, cfg.val_fraction, cfg.val_salt)
-        if cfg.limit_train:
-            train = train[: cfg.limit_train]
+            train, val = split_records(records, self.val_fraction, self.val_salt)
+        if self.limit_train:
+            train = train[: self.limit_train]
         if not train or not val:
             raise ConfigError(
-                "data.val_fraction", cfg.val_fraction,
+                "data.val_fraction", self.val_fraction,
                 f"leaves an empty {'training' if not train else 'validation'} split for clothes={self.clothes} "
-                f"({len(records)} images in {cfg.root})",
+                f"({len(records)} images in {self.root})",
             )  # fmt: skip
         log.info("clothes=%s: %d training and %d validation images", self.clothes, len(train), len(val))
         self.mean_shape = mean_shape(train)
-        self.train_set = KeypointDataset(train, self.clothes, self.input_size, cfg.targets, cfg.augment, cfg.seed)
-        self.val_set = KeypointDataset(val, self.clothes, self.input_size, cfg.targets, None)
+        self.train_set = KeypointDataset(train, self.clothes, self.input_size, self.codec, self.augmentation, self.seed)
+        self.val_set = KeypointDataset(val, self.clothes, self.input_size, self.codec, None, self.seed)
 
     def _loader(self, dataset: KeypointDataset, shuffle: bool) -> DataLoader:
         kwargs = {"batches_done": self._training_batches_done} if shuffle else {}
         return (ResumableLoader if shuffle else DataLoader)(
             dataset,
-            batch_size=self.cfg.batch_size,
-            sampler=EpochSampler(len(dataset), self.cfg.seed, shuffle),
-            num_workers=self.cfg.num_workers,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(len(dataset), self.seed, shuffle),
+            num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.cfg.num_workers > 0,
-            drop_last=shuffle and len(dataset) > self.cfg.batch_size,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(dataset) > self.batch_size,
             **kwargs,
         )
 

@@ -10,18 +10,6 @@ import torch
 from fashionkp.models.cpn import CPNOutput
 
 
-@dataclass
-class LossConfig:
-    #: Extra weight on foreground pixels, (1 + pos_weight * target): without it the loss sits on the
-    #: all-background solution for a long time (measured on CPU: -5.4 NE points on real photos, README).
-    pos_weight: float = 20.0
-    #: Fraction of a sample's labelled keypoints kept by OHKM (M = ceil(ratio * K)); 1.0 = OHKM off.
-    ohkm_ratio: float = 0.5
-    #: Supervise every GlobalNet level (the paper) or only the finest (the seed).
-    global_all_levels: bool = True
-    global_weight: float = 1.0
-
-
 def per_keypoint_l2(pred: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
     """(N, K) mean over pixels of (1 + pos_weight * target) * (pred - target)^2."""
     sq = (pred.float() - target) ** 2
@@ -48,16 +36,25 @@ def ohkm(loss: torch.Tensor, weight: torch.Tensor, ratio: float) -> torch.Tensor
     return masked_mean(loss, selected.float())
 
 
-def cpn_loss(
-    output: CPNOutput,
-    target: torch.Tensor,
-    weight: torch.Tensor,
-    cfg: LossConfig,
-    target_global: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    target_global = target if target_global is None else target_global
-    levels = output.global_heatmaps if cfg.global_all_levels else output.global_heatmaps[:1]
-    global_loss = sum(masked_mean(per_keypoint_l2(h, target_global, cfg.pos_weight), weight) for h in levels)
-    global_loss = global_loss / len(levels)
-    refine_loss = ohkm(per_keypoint_l2(output.refine_heatmaps, target, cfg.pos_weight), weight, cfg.ohkm_ratio)
-    return {"loss": cfg.global_weight * global_loss + refine_loss, "global": global_loss, "refine": refine_loss}
+@dataclass(frozen=True)
+class CPNLoss:
+    """The CPN training loss (``model.loss``): GlobalNet L2 on its levels plus RefineNet L2 with OHKM."""
+
+    #: Extra weight on foreground pixels, (1 + pos_weight * target): without it the loss sits on the
+    #: all-background solution for a long time (measured on CPU: -5.4 NE points on real photos, README).
+    pos_weight: float
+    #: Fraction of a sample's labelled keypoints kept by OHKM (M = ceil(ratio * K)); 1.0 = OHKM off.
+    ohkm_ratio: float
+    #: Supervise every GlobalNet level (the CPN paper) or only the finest (the reference CPN system).
+    global_all_levels: bool
+    global_weight: float
+
+    def __call__(
+        self, output: CPNOutput, target: torch.Tensor, weight: torch.Tensor, target_global: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        target_global = target if target_global is None else target_global
+        levels = output.global_heatmaps if self.global_all_levels else output.global_heatmaps[:1]
+        global_loss = sum(masked_mean(per_keypoint_l2(h, target_global, self.pos_weight), weight) for h in levels)
+        global_loss = global_loss / len(levels)
+        refine_loss = ohkm(per_keypoint_l2(output.refine_heatmaps, target, self.pos_weight), weight, self.ohkm_ratio)
+        return {"loss": self.global_weight * global_loss + refine_loss, "global": global_loss, "refine": refine_loss}

@@ -1,5 +1,6 @@
-"""Trained models on images: checkpoint loading, ensembles, flip and multi-scale test, decoding to
-original pixels. The Python API for people who embed fashionkp:
+"""Trained models on images: ensembles, flip and multi-scale test, decoding to original pixels. This is the
+one prediction path: ``predict.py``, ``evaluate.py`` and the validation during training all call
+:meth:`KeypointPredictor.predict_letterboxed`. The Python API for people who embed fashionkp:
 
     predictor = KeypointPredictor(["dress.ckpt", "all.ckpt"])
     points = predictor.predict("photo.jpg", "dress")   # (24, 3): x, y, score in original pixels
@@ -8,12 +9,11 @@ original pixels. The Python API for people who embed fashionkp:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import pickle
-import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from fashionkp.checks import BACKENDS, as_list, check_inference_config
-from fashionkp.errors import ConfigError, UserError
-from fashionkp.heatmaps import DECODERS, decode, flip_back, to_image_points
-from fashionkp.images import ImageReadError, load_image, to_rgb8
-from fashionkp.keypoints import (
+from fashionkp.checks import BACKENDS, check_inference_config
+from fashionkp.config import as_list
+from fashionkp.data.codec import DECODERS, DEPRECATED_DECODERS, HeatmapCodec, flip_back
+from fashionkp.data.images import ImageReadError, load_image, to_rgb8
+from fashionkp.data.keypoints import (
     ALL,
     CATEGORIES,
     CATEGORY_KEYPOINTS,
@@ -36,78 +36,54 @@ from fashionkp.keypoints import (
     check_category,
     flip_permutation,
 )
-from fashionkp.transforms import letterbox_matrix, warp_image
+from fashionkp.data.transforms import apply_affine, invert_affine, letterbox_matrix, warp_image
+from fashionkp.errors import ConfigError, UserError
+from fashionkp.inference.checkpoint import CheckpointError, TrainedModel, load_checkpoint, upgrade_hparams
 
 log = logging.getLogger(__name__)
-STRIDE = 4
 #: Where a photo that cannot be read is given its points when no model knows its training mean shape: the
 #: centre of a 512-pixel FashionAI photo.
 UNKNOWN_SHAPE_POINT = 255.5
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 class GarmentTypeError(UserError, ValueError):
     """A garment type that none of the models was trained for."""
 
 
-def load_module(path: Path | str, map_location: str | torch.device = "cpu"):
-    """A CPNModule from a Lightning checkpoint, without downloading backbone weights again."""
-    from fashionkp.module import CPNModule
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a checkpoint): {e}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CheckpointError(f"{path}: not a fashionkp training checkpoint (no state_dict/hyper_parameters)")
-    hparams = dict(ckpt["hyper_parameters"])
-    hparams["backbone"] = {**hparams["backbone"], "pretrained": False, "weights": None}
-    module = CPNModule(**hparams)
-    # torch.compile wraps modules as `_orig_mod`; such checkpoints load into the plain model too.
-    state = {k.replace("._orig_mod", "").replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items()}
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the model its hyper-parameters describe: {e}") from e
-    # (5, 24, 2) training mean shape per garment type (checkpoints from before it was saved have none)
-    module.mean_shape = np.asarray(ckpt["mean_shape"], dtype=np.float64) if "mean_shape" in ckpt else None
-    return module.eval()
-
-
 class TorchHeatmapRunner:
-    """Runs one checkpoint's model: (N, 3, S, S) uint8 -> (N, K, S/4, S/4) heatmaps."""
+    """Runs one trained network: (N, 3, S, S) RGB pixels (uint8 array or tensor) -> (N, K, S/s, S/s) fp32
+    RefineNet heatmaps. ``device=None`` leaves the network where it is (validation during training)."""
 
-    def __init__(self, path: Path | str, device: torch.device, channels_last: bool = False) -> None:
-        self.module = load_module(path).to(device)
+    def __init__(self, trained: TrainedModel, device: torch.device | None = None, channels_last: bool = False):
+        self.model = trained.model if device is None else trained.model.to(device)
         self.device = device
-        self.path = str(path)
-        hp = self.module.hparams
-        self.clothes, self.input_size, self.decode_sigma = hp.clothes, hp.input_size, hp.decode_sigma
-        self.mean_shape = self.module.mean_shape
+        self.clothes, self.input_size, self.codec = trained.clothes, trained.input_size, trained.codec
+        self.mean_shape, self.path = trained.mean_shape, trained.path
         self.channels_last = channels_last
         if channels_last:
-            self.module.model.to(memory_format=torch.channels_last)
+            self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path | str, device: torch.device, channels_last: bool = False):
+        return cls(load_checkpoint(path), device, channels_last)
+
+    def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).refine_heatmaps
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).to(self.device).float()
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(images)
+        x = (x if self.device is None else x.to(self.device)).float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.module.model(x).refine_heatmaps.float()
+        # fp32 from here on: under bf16 autocast the flip average would otherwise round in bf16 too
+        return self.heatmaps(x).float()
 
 
 class OnnxHeatmapRunner:
     """The same interface over an exported ``.onnx`` file, through onnxruntime."""
 
     def __init__(self, path: Path | str, threads: int = 0) -> None:
-        import json
-
         import onnx
         import onnxruntime as ort
 
@@ -116,7 +92,10 @@ class OnnxHeatmapRunner:
         if "fashionkp" not in meta:
             raise CheckpointError(f"{path}: not an ONNX file exported by `fashionkp export` (no metadata)")
         info = json.loads(meta["fashionkp"])
-        self.clothes, self.input_size, self.decode_sigma = info["clothes"], info["input_size"], info["decode_sigma"]
+        self.clothes, self.input_size = info["clothes"], info["input_size"]
+        # files exported before the codec was one object hold only the decoding blur; their stride was 4
+        codec = info.get("codec") or {"stride": 4, **upgrade_hparams(info)["codec"]}
+        self.codec = HeatmapCodec(**codec)
         self.mean_shape = np.asarray(info["mean_shape"], dtype=np.float64) if info.get("mean_shape") else None
         opts = ort.SessionOptions()
         if threads:
@@ -124,14 +103,18 @@ class OnnxHeatmapRunner:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.device = torch.device("cpu")
 
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        images = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
         out = self.session.run(None, {"images": images.astype(np.float32)})[0]
         return torch.from_numpy(out)
 
 
+HeatmapRunner = TorchHeatmapRunner | OnnxHeatmapRunner
+
+
 @dataclass
 class Member:
-    runner: TorchHeatmapRunner | OnnxHeatmapRunner
+    runner: HeatmapRunner
     weight: float
 
 
@@ -145,7 +128,7 @@ def _has_onnxruntime() -> bool:
 
 def cached_onnx(checkpoint: Path | str, cache_dir: Path | None = None) -> Path:
     """The ONNX export of a checkpoint, made once and kept (keyed by the file's path, size and time)."""
-    from fashionkp.export import export_onnx
+    from fashionkp.inference.export import export_onnx
 
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_file():
@@ -167,22 +150,75 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class Letterboxed:
+    """A batch of photos as model inputs: each photo scaled into the top-left of a square of the asked side.
+
+    Built from photos (warped once per input size and kept), or from inputs already letterboxed at one size
+    (the validation batches of training, which the dataset warps with the same matrix).
+    """
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], images: Sequence[np.ndarray] | None = None) -> None:
+        self.sizes = [tuple(int(v) for v in s) for s in sizes]
+        self.images = images
+        self._inputs: dict[int, np.ndarray | torch.Tensor] = {}
+
+    @classmethod
+    def from_images(cls, images: Sequence[np.ndarray]) -> Letterboxed:
+        images = [to_rgb8(img) for img in images]
+        return cls([img.shape[:2] for img in images], images)
+
+    @classmethod
+    def from_inputs(cls, inputs: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> Letterboxed:
+        """(N, 3, S, S) inputs already letterboxed (``letterbox_matrix``) from photos of ``sizes`` (h, w)."""
+        batch = cls(sizes)
+        batch._inputs[int(inputs.shape[-1])] = inputs
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def at(self, size: int, index: Sequence[int]) -> np.ndarray | torch.Tensor:
+        """(len(index), 3, size, size) inputs of the photos ``index``."""
+        if size not in self._inputs:
+            if self.images is None:
+                raise ValueError(f"inputs were given at {list(self._inputs)} pixels only, not at {size}")
+            batch = np.stack([warp_image(img, letterbox_matrix(*img.shape[:2], size), size) for img in self.images])
+            self._inputs[size] = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        return self._inputs[size][list(index)]
+
+    def to_photo(self, points: np.ndarray, input_size: int, index: Sequence[int]) -> np.ndarray:
+        """(n, K, 2) points in letterboxed-input pixels -> each photo's pixels, clipped to the photo."""
+        out = np.empty_like(points)
+        for row, i in enumerate(index):
+            h, w = self.sizes[i]
+            out[row] = apply_affine(points[row], invert_affine(letterbox_matrix(h, w, input_size)))
+            out[row, :, 0] = np.clip(out[row, :, 0], 0, w - 1)
+            out[row, :, 1] = np.clip(out[row, :, 1], 0, h - 1)
+        return out
+
+
+def _mirror(inputs: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    return inputs.flip(-1) if isinstance(inputs, torch.Tensor) else np.ascontiguousarray(inputs[..., ::-1])
+
+
 class KeypointPredictor:
     """One or more models (an ensemble), each image routed to the models of its garment type.
 
     Heatmaps of all members are brought to one grid (the finest member's) and averaged with the
     members' weights; a ``clothes=all`` model serves every category. Models may differ in backbone and
     input size: the top-left letterbox frame is the same square at every size, so the grids align.
+    ``checkpoints`` are files (``.ckpt`` or exported ``.onnx``) or runners of models already in memory.
+    ``decoder`` and ``decode_sigma`` replace the models' own codec settings when given.
     """
 
     def __init__(
         self,
-        checkpoints: Sequence[Path | str],
+        checkpoints: Sequence[Path | str | HeatmapRunner] | Path | str,
         weights: Sequence[float] | None = None,
         device: str = "auto",
         flip_test: bool = True,
         scales: Sequence[float] = (1.0,),
-        decoder: str = "dark",
+        decoder: str | None = None,
         decode_sigma: float | None = None,
         channels_last: bool | None = None,
         onnx_threads: int = 0,
@@ -191,7 +227,7 @@ class KeypointPredictor:
         checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
         if not checkpoints:
             raise ConfigError("checkpoints", [], "no checkpoint given")
-        if decoder not in DECODERS:
+        if decoder is not None and decoder not in DECODERS and decoder not in DEPRECATED_DECODERS:
             raise ConfigError("decoder", decoder, "not a valid choice", DECODERS)
         weights = list(weights) if weights else [1.0] * len(checkpoints)
         if len(weights) != len(checkpoints):
@@ -204,16 +240,18 @@ class KeypointPredictor:
         use_onnx = backend == "onnx" or (backend == "auto" and self.device.type == "cpu" and _has_onnxruntime())
         channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         self.members: list[Member] = []
-        for path, weight in zip(checkpoints, weights, strict=True):
-            if str(path).endswith(".onnx"):
-                runner = OnnxHeatmapRunner(path, onnx_threads)
+        for item, weight in zip(checkpoints, weights, strict=True):
+            if isinstance(item, (TorchHeatmapRunner, OnnxHeatmapRunner)):
+                runner = item
+            elif str(item).endswith(".onnx"):
+                runner = OnnxHeatmapRunner(item, onnx_threads)
             elif use_onnx:
-                runner = OnnxHeatmapRunner(cached_onnx(path), onnx_threads)
+                runner = OnnxHeatmapRunner(cached_onnx(item), onnx_threads)
             else:
-                runner = TorchHeatmapRunner(path, self.device, channels_last)
+                runner = TorchHeatmapRunner.from_checkpoint(item, self.device, channels_last)
             self.members.append(Member(runner, float(weight)))
-        self.flip_test, self.scales, self.decoder = flip_test, tuple(scales), decoder
-        self.decode_sigma = decode_sigma
+        self.flip_test, self.scales = flip_test, tuple(scales)
+        self.decoder, self.decode_sigma = decoder, decode_sigma
 
     @property
     def categories(self) -> list[str]:
@@ -231,52 +269,53 @@ class KeypointPredictor:
             )
         return members
 
-    def _member_heatmaps(self, member: Member, images: list[np.ndarray], grid: int) -> torch.Tensor:
-        """(N, 24, grid, grid) heatmaps of one member, averaged over scales and flips."""
+    def codec_of(self, member: Member) -> HeatmapCodec:
+        """The member's codec with this predictor's decoder settings, where given."""
+        codec = member.runner.codec
+        if self.decoder is not None:
+            codec = replace(codec, decoder=self.decoder)
+        return codec if self.decode_sigma is None else replace(codec, decode_sigma=self.decode_sigma)
+
+    def _member_heatmaps(self, member: Member, batch: Letterboxed, index: list[int], grid: int) -> torch.Tensor:
+        """(n, 24, grid, grid) heatmaps of one member, averaged over scales and flips."""
         runner = member.runner
-        channels = list(channels_for(runner.clothes))
         total = None
         for scale in self.scales:
             size = max(32, int(round(runner.input_size * scale / 32)) * 32)
-            batch = np.stack([warp_image(img, letterbox_matrix(*img.shape[:2], size), size) for img in images])
-            batch = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
-            heatmaps = runner(batch)
+            inputs = batch.at(size, index)
+            heatmaps = runner(inputs)
             if self.flip_test:
-                mirrored = runner(np.ascontiguousarray(batch[..., ::-1]))
+                mirrored = runner(_mirror(inputs))
                 heatmaps = 0.5 * (heatmaps + flip_back(mirrored, flip_permutation(runner.clothes)))
             if heatmaps.shape[-1] != grid:
                 heatmaps = F.interpolate(heatmaps, size=(grid, grid), mode="bilinear", align_corners=False)
             total = heatmaps if total is None else total + heatmaps
-        full = torch.zeros(len(images), NUM_KEYPOINTS, grid, grid, device=total.device)
-        full[:, channels] = total / len(self.scales)
+        full = torch.zeros(len(index), NUM_KEYPOINTS, grid, grid, device=total.device)
+        full[:, list(channels_for(runner.clothes))] = total / len(self.scales)
         return full.cpu()
 
-    def predict_batch(self, images: Sequence[np.ndarray], categories: Sequence[str]) -> np.ndarray:
+    def predict_letterboxed(self, batch: Letterboxed, categories: Sequence[str]) -> np.ndarray:
         """(N, 24, 3) x, y, score in original pixels; NaN outside each image's category."""
-        images = [to_rgb8(img) for img in images]
-        out = np.full((len(images), NUM_KEYPOINTS, 3), np.nan)
+        out = np.full((len(batch), NUM_KEYPOINTS, 3), np.nan)
         for category in dict.fromkeys(categories):
-            idx = [i for i, c in enumerate(categories) if c == category]
+            index = [i for i, c in enumerate(categories) if c == category]
             members = self.members_for(category)
+            # Decoded on the finest member's grid, with its codec (its blur is in that grid's pixels).
             finest = max(members, key=lambda m: m.runner.input_size)
-            grid = int(round(finest.runner.input_size * max(self.scales) / 32)) * 32 // STRIDE
-            # The decoding blur is in heatmap pixels of the grid decoded on: the finest member's.
-            sigma = self.decode_sigma or finest.runner.decode_sigma
-            subset = [images[i] for i in idx]
-            heatmaps = sum(m.weight * self._member_heatmaps(m, subset, grid) for m in members)
+            codec = self.codec_of(finest)
+            input_size = int(round(finest.runner.input_size * max(self.scales) / 32)) * 32
+            grid = input_size // codec.stride
+            heatmaps = sum(m.weight * self._member_heatmaps(m, batch, index, grid) for m in members)
             heatmaps = heatmaps / sum(m.weight for m in members)
             own = list(CATEGORY_KEYPOINTS[category])
-            coords, scores = decode(heatmaps[:, own], self.decoder, sigma)
-            matrices = np.stack([letterbox_matrix(*images[i].shape[:2], grid * STRIDE) for i in idx])
-            points = to_image_points(coords, matrices, STRIDE)
-            for row, i in enumerate(idx):
-                h, w = images[i].shape[:2]
-                xy = points[row]
-                xy[:, 0] = np.clip(xy[:, 0], 0, w - 1)
-                xy[:, 1] = np.clip(xy[:, 1], 0, h - 1)
-                out[i, own, :2] = xy
-                out[i, own, 2] = scores[row].numpy()
+            points, scores = codec.decode(heatmaps[:, own])
+            out[np.ix_(index, own, [0, 1])] = batch.to_photo(points.numpy(), input_size, index)
+            out[np.ix_(index, own, [2])] = scores.numpy()[..., None]
         return out
+
+    def predict_batch(self, images: Sequence[np.ndarray], categories: Sequence[str]) -> np.ndarray:
+        """(N, 24, 3) x, y, score in original pixels for RGB images; NaN outside each image's category."""
+        return self.predict_letterboxed(Letterboxed.from_images(images), categories)
 
     def fallback_points(self, category: str) -> np.ndarray:
         """(24, 2) points for a photo that cannot be read: the mean shape of the category's training photos

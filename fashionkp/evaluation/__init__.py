@@ -1,0 +1,1 @@
+"""Stage 4, scoring: the official normalized error, ``evaluate.py`` and ``fashionkp report``."""

@@ -1,0 +1,115 @@
+"""``evaluate.py``: checkpoints (one or an ensemble) + a labelled split -> the official NE overall, per
+category and per keypoint (table, JSON, bar chart), the predictions as a submission, and drawings of the
+worst predictions beside their ground truth."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from fashionkp.checks import check_data_root, choice
+from fashionkp.config import CONFIG_DIR, as_list, register_resolvers
+from fashionkp.data.fashionai import Record, keypoints_array, read_splits, write_annotations
+from fashionkp.data.images import load_image
+from fashionkp.data.split import split_records
+from fashionkp.data.submission import as_submitted, write_submission
+from fashionkp.draw import draw_keypoints, grid_sheet, plot_bars, save_image, side_by_side
+from fashionkp.errors import ConfigError, report_user_errors
+from fashionkp.evaluation.metric import NEResult, normalized_error, point_errors
+from fashionkp.inference.predictor import predictor_from_cfg, run_on_files
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+
+def evaluation_records(cfg: DictConfig, categories: list[str]) -> list[Record]:
+    """The labelled images to score: the validation part of ``data.root`` (training's rule) or all of it."""
+    choice(cfg, "split", ("val", "all"))
+    root = as_list(cfg.data.root)
+    check_data_root(root)
+    records = read_splits(root, categories, cfg.data.missing_images)
+    if cfg.split == "val":
+        records = split_records(records, cfg.data.val_fraction, cfg.data.val_salt)[1]
+    if not records:
+        raise ConfigError("data.root", root, f"no images to evaluate (split={cfg.split})")
+    return records
+
+
+def score(records: list[Record], points: np.ndarray, round_points: bool) -> tuple[list[Record], np.ndarray, NEResult]:
+    """The official NE of ``points`` (N, 24, 3) on the records that were read; returns those records, the
+    scored (N', 24, 2) points (whole pixels when ``round_points``, as a submission holds them) and the result."""
+    read = ~np.isnan(points[:, :, 0]).all(1)
+    records = [r for r, ok in zip(records, read, strict=True) if ok]
+    pred = as_submitted(points[read, :, :2]) if round_points else points[read, :, :2]
+    result = normalized_error(np.nan_to_num(pred, nan=-1.0), keypoints_array(records), [r.category for r in records])
+    return records, pred, result
+
+
+def write_outputs(cfg: DictConfig, out_dir: Path, records: list[Record], pred: np.ndarray, result: NEResult,
+                  failures: list[str]) -> None:  # fmt: skip
+    """metrics.json, the per-keypoint bar chart, the predictions as a submission, the split as a test list
+    with its answers, and drawings of the worst images."""
+    cats = [r.category for r in records]
+    payload = {"checkpoints": as_list(cfg.checkpoints), "split": cfg.split, "root": as_list(cfg.data.root),
+               "images": len(records), "failed": failures, "flip_test": cfg.flip_test, "decoder": cfg.decoder,
+               "scales": as_list(cfg.scales), "rounded": bool(cfg.round), **result.as_dict()}  # fmt: skip
+    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    plot_bars(result.per_keypoint, out_dir / "ne_per_keypoint.png", f"NE per keypoint (overall {100 * result.ne:.2f}%)")
+    write_submission(out_dir / "predictions.csv", [r.image_id for r in records], cats, pred)
+    # The evaluated images as a FashionAI test list and its answers: predict.py test_csv=... image_root=<split>
+    # then `fashionkp score answers.csv submission.csv` checks a whole prediction run on held-out data.
+    write_annotations(records, out_dir / "answers.csv")
+    (out_dir / "test.csv").write_text(
+        "image_id,image_category\n" + "".join(f"{r.image_id},{r.category}\n" for r in records)
+    )
+    if cfg.draw_worst:
+        draw_worst(records, pred, cfg.draw_worst, out_dir / "worst.jpg")
+
+
+def draw_worst(records: list[Record], pred: np.ndarray, count: int, path: Path) -> None:
+    """The ``count`` images with the largest NE, prediction beside ground truth, on one sheet."""
+    cats = [r.category for r in records]
+    errors, counted, _ = point_errors(np.nan_to_num(pred, nan=-1.0), keypoints_array(records), cats)
+    per_image = errors.sum(1) / np.maximum(counted.sum(1), 1)
+    tiles = []
+    for i in np.argsort(-per_image)[:count]:
+        image = load_image(records[i].image_path)
+        tiles.append(side_by_side(
+            draw_keypoints(image, pred[i], cats[i], label=f"pred NE {100 * per_image[i]:.1f}%"),
+            draw_keypoints(image, records[i].keypoints, cats[i], label="ground truth"),
+        ))  # fmt: skip
+    save_image(path, grid_sheet(tiles, 2, 800))
+
+
+def evaluate(cfg: DictConfig) -> NEResult:
+    """Predict the labelled split with the configured models and score it; writes the outputs listed in
+    :func:`write_outputs` to ``cfg.output_dir``."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = predictor_from_cfg(cfg)
+    records = evaluation_records(cfg, as_list(cfg.get("categories")) or predictor.categories)
+    points, failures, _ = run_on_files(
+        predictor, [r.image_path for r in records], [r.category for r in records], cfg.batch_size, cfg.num_workers
+    )
+    records, pred, result = score(records, points, cfg.round)
+    print(result.table())
+    print("per keypoint: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result.per_keypoint.items()))
+    write_outputs(cfg, out_dir, records, pred, result, failures)
+    log.info("NE %.4f%% on %d images -> %s", 100 * result.ne, len(records), out_dir)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@report_user_errors("fashionkp-evaluate")
+def main(cfg: DictConfig) -> float:
+    """The NE in percent (what a Hydra sweeper minimises)."""
+    return 100 * evaluate(cfg).ne
+
+
+if __name__ == "__main__":
+    main()

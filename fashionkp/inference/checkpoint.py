@@ -1,0 +1,99 @@
+"""Trained models from checkpoint files, without the LightningModule: the network, its heatmap codec, the
+garment type and input size it was trained for, and the training mean shape."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from fashionkp.data.codec import HeatmapCodec
+from fashionkp.data.keypoints import channels_for, check_category
+from fashionkp.errors import UserError
+from fashionkp.models import CPN, build_cpn
+
+log = logging.getLogger(__name__)
+CODEC_TARGET = f"{HeatmapCodec.__module__}.{HeatmapCodec.__qualname__}"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class TrainedModel:
+    """What inference needs of a checkpoint."""
+
+    model: CPN
+    codec: HeatmapCodec
+    clothes: str
+    input_size: int
+    #: (5, 24, 2) training mean shape per garment type; None for checkpoints from before it was saved.
+    mean_shape: np.ndarray | None
+    path: str
+
+
+def codec_for(model: CPN, codec: dict[str, Any]) -> HeatmapCodec:
+    """The codec of ``model`` from its config (``heatmap``), at the stride of the network's finest feature map."""
+    return instantiate(codec, stride=model.stride)
+
+
+def build_model(hparams: dict[str, Any]) -> tuple[CPN, HeatmapCodec]:
+    """The network and codec a checkpoint's hyper-parameters describe (weights not loaded)."""
+    clothes = check_category(hparams["clothes"], allow_all=True)
+    model = build_cpn(hparams["backbone"], len(channels_for(clothes)), hparams["width"], hparams["refine_upsample"])
+    return model, codec_for(model, hparams["codec"])
+
+
+def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters of checkpoints written before the codec was one object (``decoder`` and
+    ``decode_sigma`` among the model's, the target sigma in the data config and not saved): the codec is
+    rebuilt with the configs' rule, target sigma = 2 x decode sigma, which only training would use."""
+    if "codec" in hparams:
+        return hparams
+    hparams = dict(hparams)
+    decode_sigma = hparams.pop("decode_sigma", 2.0)
+    hparams["codec"] = {
+        "_target_": CODEC_TARGET, "sigma": 2 * decode_sigma, "global_sigma": 2 * decode_sigma,
+        "decoder": hparams.pop("decoder", "dark"), "decode_sigma": decode_sigma, "include_occluded": True,
+    }  # fmt: skip
+    return hparams
+
+
+def read_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint dict, its hyper-parameters upgraded; a clear error for anything that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or not a checkpoint): {e}") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(f"{path}: not a fashionkp training checkpoint (no state_dict/hyper_parameters)")
+    ckpt["hyper_parameters"] = upgrade_hparams(dict(ckpt["hyper_parameters"]))
+    return ckpt
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """The trained network of a Lightning checkpoint (in eval mode), without downloading backbone weights."""
+    ckpt = read_checkpoint(path, map_location)
+    hparams = dict(ckpt["hyper_parameters"])
+    hparams["backbone"] = {**hparams["backbone"], "pretrained": False, "weights": None}
+    model, codec = build_model(hparams)
+    # The LightningModule keeps the network as `model.`; torch.compile adds `_orig_mod`.
+    plain = {k.replace("._orig_mod", "").replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items()}
+    state = {k.removeprefix("model."): v for k, v in plain.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the model its hyper-parameters describe: {e}") from e
+    mean_shape = np.asarray(ckpt["mean_shape"], dtype=np.float64) if "mean_shape" in ckpt else None
+    return TrainedModel(model.eval(), codec, hparams["clothes"], hparams["input_size"], mean_shape, str(path))

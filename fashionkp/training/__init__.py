@@ -1,0 +1,1 @@
+"""Stage 5, training: losses, schedules, callbacks, the LightningModule and ``train(cfg)``."""

@@ -1,0 +1,143 @@
+"""The LightningModule: a CPN, its loss, optimiser and schedule, and validation by the official NE through
+the deployed predictor (the ``val/ne`` that selects checkpoints is what ``evaluate.py`` gives)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fashionkp.data.keypoints import CATEGORIES, check_category
+from fashionkp.data.submission import as_submitted
+from fashionkp.errors import UserError
+from fashionkp.evaluation.metric import NormalizedError
+from fashionkp.inference.checkpoint import TrainedModel, build_model
+from fashionkp.inference.predictor import KeypointPredictor, Letterboxed, TorchHeatmapRunner
+from fashionkp.models import CPNOutput
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training diverged (NaN or infinite loss or weights)."""
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+class _ValidationRunner(TorchHeatmapRunner):
+    """The predictor's runner over the network being trained; keeps the full output of the first (un-flipped)
+    pass, so that the validation loss needs no forward pass of its own."""
+
+    def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.model(x)
+        if self.first_output is None:
+            self.first_output = output
+        return output.refine_heatmaps
+
+
+class CPNModule(pl.LightningModule):
+    def __init__(
+        self,
+        clothes: str,
+        backbone: dict,
+        input_size: int,
+        width: int,
+        refine_upsample: str,
+        codec: dict,
+        loss: dict,
+        optimizer: dict,
+        scheduler: dict | None,
+        scheduler_interval: str,
+        flip_test: bool,
+        channels_last: bool,
+    ) -> None:
+        super().__init__()
+        hparams = dict(
+            clothes=check_category(clothes, allow_all=True), backbone=backbone, input_size=input_size, width=width,
+            refine_upsample=refine_upsample, codec=codec, loss=loss, optimizer=optimizer, scheduler=scheduler,
+            scheduler_interval=scheduler_interval, flip_test=flip_test, channels_last=channels_last,
+        )  # fmt: skip
+        self.save_hyperparameters({k: _plain(v) for k, v in hparams.items()})
+        self.model, self.codec = build_model(self.hparams)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss = instantiate(self.hparams.loss)
+        self.val_ne = NormalizedError()
+
+    def forward(self, images: torch.Tensor) -> CPNOutput:
+        images = images.float()
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def predictor(self) -> tuple[KeypointPredictor, _ValidationRunner]:
+        """The deployed predictor over the network in training (flip test as configured, the codec's decoder)."""
+        hp = self.hparams
+        runner = _ValidationRunner(
+            TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>"),
+            channels_last=hp.channels_last,
+        )  # fmt: skip
+        runner.first_output = None
+        return KeypointPredictor([runner], flip_test=hp.flip_test), runner
+
+    # -- training -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.loss(self(batch["image"]), batch["target"], batch["weight"], batch.get("target_global"))
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLossError(
+                f"training loss is {losses['loss'].item()} at step {self.global_step} (epoch {self.current_epoch}): "
+                f"the run stops here and keeps its last good checkpoint; try a lower model.optimizer.lr"
+            )
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(batch["image"]))
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=len(batch["image"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        predictor, runner = self.predictor()
+        categories = [CATEGORIES[int(c)] for c in batch["category"]]
+        letterboxed = Letterboxed.from_inputs(batch["image"], batch["size"].tolist())
+        points = predictor.predict_letterboxed(letterboxed, categories)
+        self.val_ne.update(as_submitted(points[:, :, :2]), batch["keypoints"], categories)
+        losses = self.loss(runner.first_output, batch["target"], batch["weight"], batch.get("target_global"))
+        self.log("val/loss", losses["loss"], batch_size=len(batch["image"]), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # Summed over every process inside compute(): the breakdown is the whole split's under DDP too.
+        result = NormalizedError.summarise(self.val_ne.compute())
+        self.last_val_result = result
+        # In percent, like every NE fashionkp shows (progress bar, logs, tables, files).
+        self.log("val/ne", 100 * result.ne, prog_bar=True, sync_dist=False)
+        for category, value in result.per_category.items():
+            self.log(f"val/ne_{category}", 100 * value)
+        self.val_ne.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [name for name, p in self.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:  # never replace a good checkpoint with broken weights
+            raise NonFiniteLossError(f"non-finite weights ({bad[0]}, ...) at step {self.global_step}: not saved")
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(datamodule, "mean_shape", None) is not None:
+            checkpoint["mean_shape"] = datamodule.mean_shape.tolist()
+
+    # -- optimisation -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = instantiate(self.hparams.optimizer)(params=[p for p in self.parameters() if p.requires_grad])
+        if not self.hparams.scheduler:
+            return optimizer
+        make = instantiate(self.hparams.scheduler)
+        kwargs = {}
+        if "total_steps" in inspect.signature(make.func).parameters:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            # Counting the steps made Lightning build and start the training loader before a resumed run's
+            # checkpoint is restored: drop it, so that the loader is made again with its saved position (the
+            # epoch and the batches already done; see ResumableLoader) rather than at epoch 0's start.
+            self.trainer.fit_loop._combined_loader = None
+        scheduler = make(optimizer, **kwargs)
+        config = {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config.update(monitor="val/ne", interval="epoch")
+        return {"optimizer": optimizer, "lr_scheduler": config}
