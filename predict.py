@@ -1,6 +1,6 @@
 """python predict.py checkpoints=[model.ckpt] test_csv=test.csv  (see conf/predict.yaml)"""
 
-from fashionkp.inference.predict import main
+from fashionkp.commands import predict_main as main
 
 if __name__ == "__main__":
     main()

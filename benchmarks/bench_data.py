@@ -17,11 +17,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 
-from fashionkp.data.dataset import KeypointDataset, TargetConfig  # noqa: E402
+from fashionkp.data.codec import HeatmapCodec  # noqa: E402
+from fashionkp.data.dataset import KeypointDataset  # noqa: E402
 from fashionkp.data.fashionai import read_splits  # noqa: E402
-from fashionkp.data.transforms import AugmentConfig  # noqa: E402
+from fashionkp.data.transforms import Augmentation  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashionai" / "train"
+#: conf/augmentation/default.yaml: the training augmentation.
+AUGMENTATION = Augmentation(rotation=30.0, scale=(0.75, 1.25), translate=0.05, flip=0.5, color=True)
+
+
+def codec(size: int) -> HeatmapCodec:
+    """The codec timed before the HeatmapCodec change: sigma = size / 128 (conf/train.yaml) and global_sigma
+    left at the former TargetConfig default of 2.0, so at 512 a second (GlobalNet) target is built, which
+    training (global_sigma = sigma) does not do. Only ``encode`` runs here; the decoder fields are unused."""
+    sigma = size / 128
+    return HeatmapCodec(
+        stride=4, sigma=sigma, global_sigma=2.0, decoder="dark", decode_sigma=sigma / 2, include_occluded=True
+    )
 
 
 def main() -> None:
@@ -41,7 +54,7 @@ def main() -> None:
     for size in (256, 512):
         for clothes in ("all", "blouse"):
             subset = [r for r in records if clothes == "all" or r.category == clothes][:n]
-            ds = KeypointDataset(subset, clothes, size, TargetConfig(sigma=size / 128), AugmentConfig())
+            ds = KeypointDataset(subset, clothes, size, codec(size), AUGMENTATION, seed=0)
             rates = []
             for rep in range(3):
                 start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Decoding accuracy (heatmap pixels) and time per image for argmax, the seed rule and DARK.
+"""Decoding accuracy (heatmap pixels) and time per image for argmax, the quarter-offset rule (the reference
+CPN system's) and DARK.
 
 python benchmarks/bench_decoding.py [--quick]
 """
@@ -15,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median_seconds, print_table  # noqa: E402
 
-from fashionkp.data.codec import decode, gaussian_targets  # noqa: E402
+from fashionkp.data.codec import decode_peaks, gaussian_targets  # noqa: E402
 
 
 def main() -> None:
@@ -35,14 +36,14 @@ def main() -> None:
     noisy = (clean + 0.05 * torch.randn_like(clean)).clamp_min(0)
     per_image = clean[:8]  # time a batch of 8 images of 24 heatmaps each
     rows = []
-    for method in ("argmax", "seed", "dark"):
+    for method in ("argmax", "quarter_offset", "dark"):
         row = {"decoder": method}
         for name, maps in (("clean", clean), ("noisy", noisy)):
-            coords, _ = decode(maps, method, sigma / 2)
+            coords, _ = decode_peaks(maps, method, sigma / 2)
             err = np.hypot(*(coords.reshape(-1, 2).numpy() - centres).T)
             row[f"{name} mean px"] = f"{err.mean():.4f}"
             row[f"{name} max px"] = f"{err.max():.3f}"
-        t = median_seconds(lambda m=method: decode(per_image, m, sigma / 2), 5 if args.quick else 30)
+        t = median_seconds(lambda m=method: decode_peaks(per_image, m, sigma / 2), 5 if args.quick else 30)
         row["ms / image"] = f"{1000 * t / 8:.3f}"
         row["_t"] = t
         rows.append(row)
@@ -52,7 +53,7 @@ def main() -> None:
     )
     print_table(rows, ["decoder", "clean mean px", "clean max px", "noisy mean px", "noisy max px", "ms / image"])
     t = {r["decoder"]: r["_t"] for r in rows}
-    print(f"DARK time / seed rule time: {t['dark'] / t['seed']:.2f}")
+    print(f"DARK time / quarter-offset rule time: {t['dark'] / t['quarter_offset']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Inference latency and throughput of the CPN: the paper's head (bilinear RefineNet) vs the seed's
-(transposed convolutions), eager fp32 vs channels_last vs torch.compile vs onnxruntime, with GFLOPs.
+"""Inference latency and throughput of the CPN: the paper's head (bilinear RefineNet) vs the reference CPN
+system's (transposed convolutions, model.refine_upsample=deconv), eager fp32 vs channels_last vs torch.compile
+vs onnxruntime, with GFLOPs.
 
     python benchmarks/bench_inference.py [--quick] [--modes eager,channels_last,compile,onnx]
 """
@@ -20,7 +21,7 @@ from common import gflops, median_seconds, print_table  # noqa: E402
 from fashionkp.models import CPN, build_backbone  # noqa: E402
 from fashionkp.models.cpn import HeatmapModel  # noqa: E402
 
-HEADS = {"paper": "bilinear", "seed": "deconv"}
+HEADS = {"paper": "bilinear", "reference": "deconv"}
 
 
 def runner(model: torch.nn.Module, mode: str, x: torch.Tensor, tmp: Path):
@@ -86,22 +87,21 @@ def main() -> None:
                 with torch.inference_mode() if mode != "onnx" else torch.no_grad():
                     fn = runner(model, mode, x, tmp)
                     t = median_seconds(fn, args.repeats, warmup=2 if mode == "compile" else 1)
-                baseline = t if head == "seed" else baseline
+                baseline = t if head == "reference" else baseline
                 rows.append({"backbone": backbone, "input": size, "batch": batch, "head": head, "mode": mode,
                              "GFLOPs/img": f"{flops:.1f}", "ms/batch": f"{1000 * t:.0f}",
                              "img/s": f"{batch / t:.2f}", "GFLOP/s": f"{flops * batch / t:.0f}", "_t": t})  # fmt: skip
             model.to(memory_format=torch.contiguous_format)
         for r in rows:
             if (r["backbone"], r["input"], r["batch"]) == (backbone, size, batch):
-                r["vs seed eager"] = f"{r['_t'] / baseline:.2f}"
+                r["vs reference eager"] = f"{r['_t'] / baseline:.2f}"
     print(
         f"CPN inference, {args.threads} threads, median of {args.repeats}; "
-        "'vs seed eager' = time / seed-head eager fp32 time"
+        "'vs reference eager' = time / reference-head eager fp32 time"
     )
-    print_table(
-        rows,
-        ["backbone", "input", "batch", "head", "mode", "GFLOPs/img", "ms/batch", "img/s", "GFLOP/s", "vs seed eager"],
-    )
+    columns = ["backbone", "input", "batch", "head", "mode", "GFLOPs/img", "ms/batch", "img/s", "GFLOP/s",
+               "vs reference eager"]  # fmt: skip
+    print_table(rows, columns)
 
 
 if __name__ == "__main__":

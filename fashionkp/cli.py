@@ -9,30 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionkp.data.fashionai import FashionAIFormatError
 from fashionkp.errors import UserError
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from fashionkp.data.fashionai import keypoints_array, read_csv
-    from fashionkp.data.submission import read_submission
-    from fashionkp.evaluation.metric import normalized_error
+    from fashionkp.evaluation.metric import score_submission
 
-    answers = read_csv(args.answers, missing_images="ignore")
-    submission = read_submission(args.submission)
-    missing = [r.image_id for r in answers if r.image_id not in submission]
-    if missing:
-        raise FashionAIFormatError(
-            f"{args.submission}: no prediction for {len(missing)} images of {args.answers} (first: {missing[0]})"
-        )
-    for r in answers:
-        if submission[r.image_id][0] != r.category:
-            raise FashionAIFormatError(
-                f"{args.submission}: {r.image_id} has category {submission[r.image_id][0]}, "
-                f"the answers say {r.category}"
-            )
-    pred = np.stack([submission[r.image_id][1] for r in answers])
-    result = normalized_error(pred, keypoints_array(answers), [r.category for r in answers])
+    result = score_submission(args.answers, args.submission)
     print(result.table())
     if args.per_keypoint:
         for k, v in result.per_keypoint.items():

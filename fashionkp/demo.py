@@ -15,9 +15,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from fashionkp.cli import main as cli
 from fashionkp.config import CONFIG_DIR
 from fashionkp.data.synth import generate
+from fashionkp.evaluation.metric import score_submission
 from fashionkp.inference.predict import predict
 from fashionkp.training.train import train
 
@@ -41,8 +41,10 @@ def run(out: Path, n_per_category: int, epochs: int, overrides: list[str]) -> di
         ])  # fmt: skip
         summary = predict(pred_cfg)
     print("[4/4] scoring the submission with the official metric")
-    cli(["score", str(paths["answers"]), summary["submission"], "--json", str(out / "test_score.json")])
-    test_ne = json.loads((out / "test_score.json").read_text())["ne"]
+    scored = score_submission(paths["answers"], summary["submission"])
+    print(scored.table())
+    (out / "test_score.json").write_text(json.dumps(scored.as_dict(), indent=2))
+    test_ne = 100 * scored.ne
     outputs = {
         "validation NE": f"{result['best_val_ne']:.2f}%",
         "test NE": f"{test_ne:.2f}%",

@@ -8,12 +8,13 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from fashionkp.cli import main as cli
-from fashionkp.evaluation.evaluate import evaluate
 from fashionkp.data.fashionai import read_csv
-from fashionkp.inference.predictor import CheckpointError, KeypointPredictor, load_module
 from fashionkp.data.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
-from fashionkp.inference.predict import predict
 from fashionkp.data.submission import read_submission
+from fashionkp.evaluation.evaluate import evaluate
+from fashionkp.inference.checkpoint import CheckpointError, load_checkpoint
+from fashionkp.inference.predict import predict
+from fashionkp.inference.predictor import KeypointPredictor
 
 
 def _compose(name: str, overrides: list[str]):
@@ -76,7 +77,7 @@ def test_flip_test_and_ensembles_of_different_sizes(tiny_checkpoints, synth_data
 
     images, cats = [load_image(r.image_path) for r in records], [r.category for r in records]
     a, b = tiny_checkpoints["a"], tiny_checkpoints["b"]
-    assert load_module(a).hparams.input_size != load_module(b).hparams.input_size
+    assert load_checkpoint(a).input_size != load_checkpoint(b).input_size
     plain = KeypointPredictor([a], device="cpu", flip_test=False).predict_batch(images, cats)
     flipped = KeypointPredictor([a], device="cpu", flip_test=True).predict_batch(images, cats)
     assert not np.allclose(plain, flipped, equal_nan=True)
@@ -166,11 +167,11 @@ def test_a_garment_model_refuses_other_garments(synth_data, tmp_path):
     train(cfg)
     import pytorch_lightning as pl  # fast_dev_run writes no checkpoint: save one by hand
 
-    from fashionkp.training.train import build_datamodule
+    from fashionkp.training.train import build
 
-    module = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.model, _recursive_=False)
+    module, datamodule = build(cfg)
     trainer = pl.Trainer(max_steps=0, logger=False, enable_progress_bar=False)
-    trainer.fit(module, datamodule=build_datamodule(cfg))
+    trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(tmp_path / "skirt.ckpt")
     predictor = KeypointPredictor([tmp_path / "skirt.ckpt"], device="cpu")
     assert predictor.categories == ["skirt"]

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fashionkp.training.losses import LossConfig, cpn_loss, ohkm
 from fashionkp.models import CPN, build_backbone
 from fashionkp.models.backbone import WeightsUnavailableError, offline_weights_file
+from fashionkp.training.losses import CPNLoss, ohkm
 
 
 @pytest.mark.parametrize("upsample", ["bilinear", "deconv"])
@@ -61,17 +61,23 @@ def test_ohkm_keeps_the_hardest_labelled_points():
     assert ohkm(loss[:1], weight[:1], 0.5).item() == pytest.approx(3.5)
 
 
+def _loss(**changes) -> CPNLoss:
+    return CPNLoss(
+        **{"pos_weight": 20.0, "ohkm_ratio": 1.0, "global_all_levels": True, "global_weight": 1.0, **changes}
+    )
+
+
 def test_loss_masks_absent_points_and_supervises_every_level():
     model = CPN(build_backbone("resnet18"), num_keypoints=2, width=16)
     out = model(torch.rand(1, 3, 64, 64) * 255)
     target = torch.zeros(1, 2, 16, 16)
     target[0, 0, 8, 8] = 1.0
-    masked = cpn_loss(out, target, torch.tensor([[1.0, 0.0]]), LossConfig(ohkm_ratio=1.0))
+    masked = _loss()(out, target, torch.tensor([[1.0, 0.0]]))
     garbage = target.clone()
     garbage[0, 1] = 5.0  # an absent point's target must not matter
-    again = cpn_loss(out, garbage, torch.tensor([[1.0, 0.0]]), LossConfig(ohkm_ratio=1.0))
+    again = _loss()(out, garbage, torch.tensor([[1.0, 0.0]]))
     assert torch.allclose(masked["loss"], again["loss"])
-    finest = cpn_loss(out, target, torch.tensor([[1.0, 0.0]]), LossConfig(ohkm_ratio=1.0, global_all_levels=False))
+    finest = _loss(global_all_levels=False)(out, target, torch.tensor([[1.0, 0.0]]))
     assert not torch.allclose(finest["global"], masked["global"])
     masked["loss"].backward()
     assert all(p.grad is not None for p in model.global_net.predictors[3].parameters())

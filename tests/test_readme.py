@@ -76,7 +76,7 @@ def shrink(args: list[str]) -> list[str]:
 def hydra_main(module: str, args: list[str], out: Path) -> int:
     """Run a Hydra entry point in this process as its console script would (no ~6 s of imports per command), its
     run or sweep folder at ``out``; returns the exit status."""
-    main = importlib.import_module(module).main
+    main = getattr(importlib.import_module("fashionkp.commands"), f"{module}_main")
     # Hydra's log handlers would outlive pytest's captured streams: keep them off in-process.
     argv = [module, *args, "hydra/job_logging=none", "hydra/hydra_logging=none"]
     with pytest.MonkeyPatch.context() as patch:
@@ -97,7 +97,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def script_args(text: str) -> tuple[str, list[str]]:
-    """``python train.py a=1 b=2`` -> ("fashionkp.training.train", ["a=1", "b=2"])."""
+    """``python train.py a=1 b=2`` -> ("train", ["a=1", "b=2"])."""
     words = shlex.split(text)
     return f"fashionkp.{Path(words[1]).stem}", words[2:]
 
@@ -123,7 +123,7 @@ def submissions(synth_data, tiny_checkpoints, tmp_path_factory) -> dict[str, Pat
     """submission.csv: predict.py on the synthetic test split; blouse.csv, dress.csv: its rows of one type."""
     out = tmp_path_factory.mktemp("submission")
     args = [f"checkpoints=[{tiny_checkpoints['a']}]", f"test_csv={synth_data['test_csv']}", "draw=0", "num_workers=0"]
-    assert hydra_main("fashionkp.inference.predict", args, out) == 0
+    assert hydra_main("predict", args, out) == 0
     header, *rows = (out / "submission.csv").read_text().splitlines(keepends=True)
     files = {"submission": out / "submission.csv"}
     for category in ("blouse", "dress"):
@@ -137,7 +137,7 @@ def tiny_sweep(synth_data, tmp_path_factory) -> Path:
     """A sweep folder of train.py -m: two ablations of the CPU recipe, one batch each."""
     out = tmp_path_factory.mktemp("sweep")
     args = ["-m", "experiment=fashionai_cpu", f"data.root={synth_data['train']}", "ablation=baseline,ohkm_on"]
-    assert hydra_main("fashionkp.training.train", [*args, *shrink(args), "debug=fdr"], out) == 0
+    assert hydra_main("train", [*args, *shrink(args), "debug=fdr"], out) == 0
     return out
 
 
@@ -188,7 +188,7 @@ class Workspace:
         return text.replace("<run>", RUN).replace("<sweep>", RUN)
 
     def train_tiny(self, args: list[str], run: Path) -> None:
-        assert hydra_main("fashionkp.training.train", [*args, *shrink(args)], run) == 0
+        assert hydra_main("train", [*args, *shrink(args)], run) == 0
 
     def without_wandb_account(self) -> None:
         self.monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -282,7 +282,7 @@ def infer(ws: Workspace, text: str) -> None:
 
     module, args = script_args(ws.prepare(text))
     assert hydra_main(module, args, ws.out) == 0
-    if module == "fashionkp.evaluation.evaluate":
+    if module == "evaluate":
         jobs = len(sweep_jobs([a for a in args if a != "-m"])) if "-m" in args else 1
         metrics = sorted(ws.out.glob("**/metrics.json"))
         assert len(metrics) == jobs

@@ -11,7 +11,7 @@ def _entry(module: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]
     """Run an entry point in this process as its console script would, for speed: (exit status, stderr)."""
     import importlib
 
-    main = importlib.import_module(module).main
+    main = getattr(importlib.import_module("fashionkp.commands"), f"{module}_main")
     # Hydra's log handlers would outlive pytest's captured streams: keep them off in-process.
     monkeypatch.setattr(sys, "argv", [module, *args, "hydra/job_logging=none", "hydra/hydra_logging=none"])
     with pytest.raises(SystemExit) as exit_info:
@@ -47,7 +47,7 @@ def test_training_config_mistakes_get_one_line(override, line, synth_data, tmp_p
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     args = [f"data.root={synth_data['train']}", "logger=wandb", *TINY[:2], override, f"hydra.run.dir={tmp_path}"]
-    code, err = _entry("fashionkp.training.train", args, monkeypatch, capsys)
+    code, err = _entry("train", args, monkeypatch, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"fashionkp-train: error: {line}"), err
@@ -56,7 +56,7 @@ def test_training_config_mistakes_get_one_line(override, line, synth_data, tmp_p
 def test_no_data_root_says_which_key_to_set(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("FASHIONAI_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    code, err = _entry("fashionkp.training.train", [f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
+    code, err = _entry("train", [f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
     assert code == 2
     assert err.strip() == (
         "fashionkp-train: error: data.root='data/fashionai/train': no such folder or CSV file (give a FashionAI "
@@ -72,7 +72,7 @@ def test_pretrained_weights_that_cannot_be_had_are_refused_at_once(synth_data, t
     monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr("timm.models._hub.check_cached_file", lambda *a, **k: False)
     args = [f"data.root={synth_data['train']}", "backbone=resnet50", f"hydra.run.dir={tmp_path}"]
-    code, err = _entry("fashionkp.training.train", args, monkeypatch, capsys)
+    code, err = _entry("train", args, monkeypatch, capsys)
     assert code == 2
     assert "backbone.pretrained=True: ImageNet weights for 'resnet50.tv_in1k' cannot be had" in err
     assert "backbone.weights=/path/to/weights.pth" in err and len(err.strip().splitlines()) == 1
@@ -93,7 +93,7 @@ def _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra) -> list[str]:
     ],
 )
 def test_prediction_mistakes_get_one_line(extra, line, tiny_checkpoints, synth_data, tmp_path, monkeypatch, capsys):
-    code, err = _entry("fashionkp.inference.predict", _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra),
+    code, err = _entry("predict", _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra),
                        monkeypatch, capsys)  # fmt: skip
     assert code == 2 and err.strip() == f"fashionkp-predict: error: {line}"
 
@@ -102,7 +102,7 @@ def test_a_file_that_is_not_a_checkpoint(tiny_checkpoints, synth_data, tmp_path,
     fake = tmp_path / "notes.ckpt"
     fake.write_text("not a checkpoint")
     args = [f"checkpoints={fake}", f"data.root={synth_data['train']}", f"hydra.run.dir={tmp_path}", "backend=torch"]
-    code, err = _entry("fashionkp.evaluation.evaluate", args, monkeypatch, capsys)
+    code, err = _entry("evaluate", args, monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"fashionkp-evaluate: error: {fake}: cannot read checkpoint (truncated or not a checkpoint)")
 
@@ -110,7 +110,7 @@ def test_a_file_that_is_not_a_checkpoint(tiny_checkpoints, synth_data, tmp_path,
 def test_a_test_csv_with_an_unknown_category(tiny_checkpoints, synth_data, tmp_path, monkeypatch, capsys):
     csv = tmp_path / "test.csv"
     csv.write_text("image_id,image_category\nImages/skirt/a.jpg,skirt\nImages/hat/b.jpg,hat\n")
-    code, err = _entry("fashionkp.inference.predict", [f"checkpoints={tiny_checkpoints['a']}", f"test_csv={csv}",
+    code, err = _entry("predict", [f"checkpoints={tiny_checkpoints['a']}", f"test_csv={csv}",
                                              f"hydra.run.dir={tmp_path}"], monkeypatch, capsys)  # fmt: skip
     assert code == 2
     assert err.strip() == (
@@ -121,7 +121,7 @@ def test_a_test_csv_with_an_unknown_category(tiny_checkpoints, synth_data, tmp_p
 
 def test_a_garment_type_the_model_was_not_trained_for(skirt_checkpoint, synth_data, tmp_path, monkeypatch, capsys):
     photos = next((synth_data["train"] / "Images" / "dress").glob("*.jpg")).parent
-    code, err = _entry("fashionkp.inference.predict", [f"checkpoints={skirt_checkpoint}", f"images={photos}", "clothes=dress",
+    code, err = _entry("predict", [f"checkpoints={skirt_checkpoint}", f"images={photos}", "clothes=dress",
                                              f"hydra.run.dir={tmp_path / 'out'}"], monkeypatch, capsys)  # fmt: skip
     assert code == 2
     assert err.strip() == (

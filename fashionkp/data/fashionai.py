@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +74,75 @@ def parse_cell(cell: str, where: str) -> tuple[float, float, float]:
     return float(x), float(y), float(v)
 
 
+#: Accepted values of ``missing_images``; checked before the file is opened so a typo fails fast.
+_MISSING_IMAGE_MODES: tuple[str, ...] = ("error", "skip", "ignore")
+
+
+def _default_image_root(csv_path: Path) -> Path:
+    """The split folder: ``image_id`` paths are relative to it, and the CSV may sit in ``Annotations/``."""
+    return csv_path.parent.parent if csv_path.parent.name == "Annotations" else csv_path.parent
+
+
+def _check_header(header: list[str] | None, csv_path: Path) -> None:
+    """Only the first two columns are checked: a test list has no keypoint columns."""
+    if header is None:
+        raise FashionAIFormatError(f"{csv_path}: empty CSV (no header)")
+    if [h.strip() for h in header[:2]] != ["image_id", "image_category"]:
+        raise FashionAIFormatError(f"{csv_path}:1: header must start with image_id,image_category, got {header[:2]}")
+
+
+def _data_rows(csv_path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line, row)`` for each non-blank data row; line numbers count the header as line 1."""
+    with csv_path.open(newline="") as f:
+        reader = csv.reader(f)
+        _check_header(next(reader, None), csv_path)
+        for line, row in enumerate(reader, start=2):
+            # Blank lines (often a trailing one) are not records.
+            if row and any(c.strip() for c in row):
+                yield line, row
+
+
+def _row_identity(row: list[str], csv_path: Path, line: int) -> tuple[str, str]:
+    """Check the row's width and category; return its ``(image_id, category)``."""
+    if len(row) not in (2, len(HEADER)):
+        raise FashionAIFormatError(f"{csv_path}:{line}: {len(row)} columns, expected 2 (test list) or {len(HEADER)}")
+    image_id, category = row[0].strip(), row[1].strip()
+    if category not in CATEGORIES:
+        raise FashionAIFormatError(
+            f"{csv_path}:{line}, column image_category: unknown category {category!r}"
+            f" (expected one of {', '.join(CATEGORIES)})"
+        )
+    return image_id, category
+
+
+def _check_unique(image_id: str, line: int, seen: dict[str, int], csv_path: Path) -> None:
+    """Record ``image_id``'s line in ``seen``; a repeat would silently give one image two labels."""
+    if image_id in seen:
+        raise FashionAIFormatError(
+            f"{csv_path}:{line}: duplicate image_id {image_id!r} (first on line {seen[image_id]})"
+        )
+    seen[image_id] = line
+
+
+def _row_keypoints(row: list[str], csv_path: Path, line: int) -> np.ndarray | None:
+    """The (24, 3) keypoints of an annotated row; None for a two-column test-list row."""
+    if len(row) != len(HEADER):
+        return None
+    return np.array(
+        [parse_cell(cell, f"{csv_path}:{line}, column {HEADER[j + 2]}") for j, cell in enumerate(row[2:])],
+        dtype=np.float32,
+    )
+
+
+def _image_present(path: Path, csv_path: Path, line: int, missing_images: str) -> bool:
+    """Whether to keep the row's record: False only in ``skip`` mode when the image is missing."""
+    if missing_images == "ignore" or path.is_file():
+        return True
+    if missing_images == "error":
+        raise FileNotFoundError(f"{csv_path}:{line}: image file not found: {path}")
+    return False
+
+
 def read_csv(
     csv_path: Path | str,
     image_root: Path | str | None = None,
@@ -87,57 +156,25 @@ def read_csv(
     ``"skip"`` (warn, count and drop) or ``"ignore"`` (do not check the files).
     """
     csv_path = Path(csv_path)
-    if missing_images not in ("error", "skip", "ignore"):
+    if missing_images not in _MISSING_IMAGE_MODES:
         raise ValueError(f"missing_images must be error, skip or ignore, not {missing_images!r}")
-    if image_root is None:
-        image_root = csv_path.parent.parent if csv_path.parent.name == "Annotations" else csv_path.parent
-    image_root = Path(image_root)
+    image_root = Path(image_root) if image_root is not None else _default_image_root(csv_path)
     wanted = set(categories) if categories is not None else None
     records: list[Record] = []
     seen: dict[str, int] = {}
     missing: list[str] = []
-    with csv_path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise FashionAIFormatError(f"{csv_path}: empty CSV (no header)")
-        if [h.strip() for h in header[:2]] != ["image_id", "image_category"]:
-            raise FashionAIFormatError(
-                f"{csv_path}:1: header must start with image_id,image_category, got {header[:2]}"
-            )
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) not in (2, len(HEADER)):
-                raise FashionAIFormatError(
-                    f"{csv_path}:{line}: {len(row)} columns, expected 2 (test list) or {len(HEADER)}"
-                )
-            image_id, category = row[0].strip(), row[1].strip()
-            if category not in CATEGORIES:
-                raise FashionAIFormatError(
-                    f"{csv_path}:{line}, column image_category: unknown category {category!r}"
-                    f" (expected one of {', '.join(CATEGORIES)})"
-                )
-            if image_id in seen:
-                raise FashionAIFormatError(
-                    f"{csv_path}:{line}: duplicate image_id {image_id!r} (first on line {seen[image_id]})"
-                )
-            seen[image_id] = line
-            if wanted is not None and category not in wanted:
-                continue
-            keypoints = None
-            if len(row) == len(HEADER):
-                keypoints = np.array(
-                    [parse_cell(cell, f"{csv_path}:{line}, column {HEADER[j + 2]}") for j, cell in enumerate(row[2:])],
-                    dtype=np.float32,
-                )
-            path = image_root / image_id
-            if missing_images != "ignore" and not path.is_file():
-                if missing_images == "error":
-                    raise FileNotFoundError(f"{csv_path}:{line}: image file not found: {path}")
-                missing.append(str(path))
-                continue
-            records.append(Record(path, image_id, category, keypoints))
+    for line, row in _data_rows(csv_path):
+        image_id, category = _row_identity(row, csv_path, line)
+        # Duplicates are checked across all categories, before filtering, so a file is valid or not as a whole.
+        _check_unique(image_id, line, seen, csv_path)
+        if wanted is not None and category not in wanted:
+            continue
+        keypoints = _row_keypoints(row, csv_path, line)
+        path = image_root / image_id
+        if not _image_present(path, csv_path, line, missing_images):
+            missing.append(str(path))
+            continue
+        records.append(Record(path, image_id, category, keypoints))
     if missing:
         log.warning("%s: skipped %d rows whose image is missing (first: %s)", csv_path, len(missing), missing[0])
     if not records:
@@ -176,6 +213,7 @@ def keypoints_array(records: Sequence[Record]) -> np.ndarray:
 
 
 def format_cell(x: float, y: float, v: int) -> str:
+    """One ``x_y_v`` cell, coordinates rounded to the integer pixel indices FashionAI stores."""
     return f"{int(round(x))}_{int(round(y))}_{int(v)}"
 
 

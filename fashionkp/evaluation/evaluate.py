@@ -8,18 +8,17 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 from fashionkp.checks import check_data_root, choice
-from fashionkp.config import CONFIG_DIR, as_list, register_resolvers
+from fashionkp.config import as_list, register_resolvers
 from fashionkp.data.fashionai import Record, keypoints_array, read_splits, write_annotations
 from fashionkp.data.images import load_image
 from fashionkp.data.split import split_records
 from fashionkp.data.submission import as_submitted, write_submission
 from fashionkp.draw import draw_keypoints, grid_sheet, plot_bars, save_image, side_by_side
-from fashionkp.errors import ConfigError, report_user_errors
+from fashionkp.errors import ConfigError
 from fashionkp.evaluation.metric import NEResult, normalized_error, point_errors
 from fashionkp.inference.predictor import predictor_from_cfg, run_on_files
 
@@ -102,14 +101,3 @@ def evaluate(cfg: DictConfig) -> NEResult:
     write_outputs(cfg, out_dir, records, pred, result, failures)
     log.info("NE %.4f%% on %d images -> %s", 100 * result.ne, len(records), out_dir)
     return result
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-@report_user_errors("fashionkp-evaluate")
-def main(cfg: DictConfig) -> float:
-    """The NE in percent (what a Hydra sweeper minimises)."""
-    return 100 * evaluate(cfg).ne
-
-
-if __name__ == "__main__":
-    main()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torchmetrics import Metric
 
+from fashionkp.data.fashionai import FashionAIFormatError, keypoints_array, read_csv
 from fashionkp.data.keypoints import CATEGORIES, KEYPOINT_NAMES, NUM_KEYPOINTS, normaliser_indices
+from fashionkp.data.submission import read_submission
 
 _CATEGORY_ID = {c: i for i, c in enumerate(CATEGORIES)}
 
@@ -150,3 +153,22 @@ class NormalizedError(Metric):
     @staticmethod
     def summarise(sums: dict[str, torch.Tensor]) -> NEResult:
         return _summarise(sums["err_sum"].cpu().numpy(), sums["count"].cpu().numpy(), int(sums["skipped"].item()))
+
+
+def score_submission(answers: Path | str, submission: Path | str) -> NEResult:
+    """The official NE of a submission file against an answer CSV (``fashionkp score``); every answered image
+    needs a prediction of the same garment type."""
+    records = read_csv(answers, missing_images="ignore")
+    predicted = read_submission(submission)
+    missing = [r.image_id for r in records if r.image_id not in predicted]
+    if missing:
+        raise FashionAIFormatError(
+            f"{submission}: no prediction for {len(missing)} images of {answers} (first: {missing[0]})"
+        )
+    for r in records:
+        if predicted[r.image_id][0] != r.category:
+            raise FashionAIFormatError(
+                f"{submission}: {r.image_id} has category {predicted[r.image_id][0]}, the answers say {r.category}"
+            )
+    pred = np.stack([predicted[r.image_id][1] for r in records])
+    return normalized_error(pred, keypoints_array(records), [r.category for r in records])

@@ -8,17 +8,16 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from fashionkp.config import CONFIG_DIR, as_list, register_resolvers
+from fashionkp.config import as_list, register_resolvers
 from fashionkp.data.fashionai import read_csv
 from fashionkp.data.images import load_image
 from fashionkp.data.keypoints import ALL, CATEGORIES, CATEGORY_KEYPOINTS, KEYPOINT_NAMES
 from fashionkp.data.submission import write_submission
 from fashionkp.draw import draw_keypoints, grid_sheet, save_image
-from fashionkp.errors import ConfigError, report_user_errors
+from fashionkp.errors import ConfigError
 from fashionkp.inference.predictor import KeypointPredictor, predictor_from_cfg, run_on_files
 
 log = logging.getLogger(__name__)
@@ -126,13 +125,3 @@ def predict(cfg: DictConfig) -> dict:
     (out_dir / "predict_summary.json").write_text(json.dumps(summary, indent=2))
     log.info("predicted %d images (%d unreadable, named above) -> %s", summary["images"], summary["failed"], out_dir)
     return summary
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-@report_user_errors("fashionkp-predict")
-def main(cfg: DictConfig) -> None:
-    predict(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -39,6 +39,7 @@ from fashionkp.data.keypoints import (
 from fashionkp.data.transforms import apply_affine, invert_affine, letterbox_matrix, warp_image
 from fashionkp.errors import ConfigError, UserError
 from fashionkp.inference.checkpoint import CheckpointError, TrainedModel, load_checkpoint, upgrade_hparams
+from fashionkp.inference.export import export_onnx
 
 log = logging.getLogger(__name__)
 #: Where a photo that cannot be read is given its points when no model knows its training mean shape: the
@@ -128,8 +129,6 @@ def _has_onnxruntime() -> bool:
 
 def cached_onnx(checkpoint: Path | str, cache_dir: Path | None = None) -> Path:
     """The ONNX export of a checkpoint, made once and kept (keyed by the file's path, size and time)."""
-    from fashionkp.inference.export import export_onnx
-
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
@@ -241,8 +240,8 @@ class KeypointPredictor:
         channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         self.members: list[Member] = []
         for item, weight in zip(checkpoints, weights, strict=True):
-            if isinstance(item, (TorchHeatmapRunner, OnnxHeatmapRunner)):
-                runner = item
+            if not isinstance(item, (str, Path)):
+                runner = item  # a runner of a model already in memory
             elif str(item).endswith(".onnx"):
                 runner = OnnxHeatmapRunner(item, onnx_threads)
             elif use_onnx:

@@ -7,7 +7,6 @@ import logging
 import os
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -15,10 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fashionkp.checks import check_train_config
-from fashionkp.config import CONFIG_DIR, register_resolvers
-from fashionkp.errors import ConfigError, report_user_errors
+from fashionkp.config import register_resolvers
+from fashionkp.data.codec import decoder_name
+from fashionkp.data.dataset import FashionAIDataModule
+from fashionkp.errors import ConfigError
 from fashionkp.training.callbacks import AtomicCheckpointIO, NEReport
-from fashionkp.training.module import NonFiniteLossError
+from fashionkp.training.module import CPNModule
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -26,16 +27,26 @@ register_resolvers()
 
 def apply_deprecated_names(cfg: DictConfig) -> None:
     """Old option names, accepted for one release with a warning: ``model.decoder`` and
-    ``model.decode_sigma`` (now ``heatmap.*``), ``augmentation=seed`` (now ``flip_rotate``)."""
+    ``model.decode_sigma`` (now ``heatmap.*``), the decoder ``seed`` (now ``quarter_offset``) and
+    ``augmentation=seed`` (now ``flip_rotate``)."""
     with open_dict(cfg):
         for key in ("decoder", "decode_sigma"):
             value = cfg.model.pop(key, None)
             if value is not None:
                 log.warning("model.%s is deprecated: use heatmap.%s", key, key)
                 cfg.heatmap[key] = value
+        cfg.heatmap.decoder = decoder_name(cfg.heatmap.decoder)
         if cfg.get("augmentation") and cfg.augmentation.get("deprecated"):
             log.warning("%s is deprecated: use %s", hydra_choices().get("augmentation"), cfg.augmentation.deprecated)
             cfg.augmentation.pop("deprecated")
+
+
+def build(cfg: DictConfig) -> tuple[CPNModule, FashionAIDataModule]:
+    """The LightningModule and the data module that ``cfg`` describes."""
+    apply_deprecated_names(cfg)
+    module = instantiate(cfg.model, _recursive_=False)
+    # The codec is the model's (its stride is the network's): handed over as an object, not as config.
+    return module, instantiate(cfg.data, _partial_=True)(codec=module.codec)
 
 
 def hydra_choices() -> dict[str, str]:
@@ -111,9 +122,7 @@ def train(cfg: DictConfig) -> dict:
     check_train_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    module = instantiate(cfg.model, _recursive_=False)
-    # The codec is the model's (its stride is the network's): handed over as an object, not as config.
-    datamodule = instantiate(cfg.data, _partial_=True)(codec=module.codec)
+    module, datamodule = build(cfg)
     loggers = build_loggers(cfg)
     try:
         return _fit(cfg, datamodule, module, loggers, output_dir)
@@ -157,23 +166,3 @@ def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -
         log.info("validation NE %.4f%% (best checkpoint: %s)", result.get("best_val_ne", result["val_ne"]), best or "-")
         (output_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-@report_user_errors("fashionkp-train")
-def main(cfg: DictConfig) -> float:
-    """The run's validation NE in percent (what a Hydra sweeper minimises)."""
-    try:
-        result = train(cfg)
-    except NonFiniteLossError as e:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
-        # One diverging job of a sweep (an Optuna trial with too high a learning rate) is its worst result,
-        # not the end of the sweep.
-        log.error("fashionkp-train: %s", e)
-        return float("inf")
-    return result.get("best_val_ne", result["val_ne"])
-
-
-if __name__ == "__main__":
-    main()
