@@ -66,12 +66,28 @@ def test_fast_dev_run_for_every_garment_type(clothes, tmp_path, synth_data):
     assert math.isfinite(result["val_ne"]) and result["val_ne"] > 0  # a finite official NE (percent)
 
 
+def test_old_option_names_still_work_with_a_warning(tmp_path, synth_data, caplog):
+    old = ["model.decoder=seed", "model.decode_sigma=1.5", "augmentation=seed"]
+    cfg = compose_train([*old, "backbone.pretrained=false", f"data.root={synth_data['train']}"], tmp_path)
+    with torch.device("meta"):
+        module, datamodule = build(cfg)
+    assert module.codec.decoder == "quarter_offset" and module.codec.decode_sigma == 1.5
+    flip_rotate = compose_train(["augmentation=flip_rotate"], tmp_path).augmentation
+    assert datamodule.augmentation == instantiate(flip_rotate)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "model.decoder is deprecated: use heatmap.decoder" in warned
+    assert "decoder=seed is deprecated: use decoder=quarter_offset" in warned
+    assert "augmentation=seed is deprecated: use augmentation=flip_rotate" in warned
+
+
 FAST_RUNS = [o for o in EVERY_OPTION if o.startswith(("experiment=", "ablation="))]
 
 
 @pytest.mark.parametrize("override", FAST_RUNS)
 def test_every_experiment_and_ablation_runs_a_fast_dev_run(override, tmp_path, synth_data):
-    cfg = compose_train([override, "debug=fdr", f"data.root={synth_data['train']}"], tmp_path)
+    # an ablation is one change to the CPU recipe
+    recipe = ["experiment=fashionai_cpu"] if override.startswith("ablation=") else []
+    cfg = compose_train([*recipe, override, "debug=fdr", f"data.root={synth_data['train']}"], tmp_path)
     if override.startswith("experiment="):
         assert cfg.task_name == override.split("=")[1]  # the experiment's values win over train.yaml's
     result = train(cfg)

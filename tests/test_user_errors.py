@@ -21,11 +21,11 @@ def _entry(module: str, args: list[str], monkeypatch, capsys) -> tuple[int, str]
 
 def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
     start = time.monotonic()
-    done = run_cli("train.py", ["model.decoder=drak", f"data.root={synth_data['train']}"], cwd=tmp_path)
+    done = run_cli("train.py", ["heatmap.decoder=drak", f"data.root={synth_data['train']}"], cwd=tmp_path)
     elapsed = time.monotonic() - start
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "fashionkp-train: error: model.decoder='drak': not a valid choice (choices: dark, seed, argmax)"
+        "fashionkp-train: error: heatmap.decoder='drak': not a valid choice (choices: dark, quarter_offset, argmax)"
     ]
     assert "Traceback" not in done.stdout + done.stderr
     assert elapsed < 30  # no data read, no model built: only Python's imports
@@ -86,7 +86,7 @@ def _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra) -> list[str]:
 @pytest.mark.parametrize(
     ("extra", "line"),
     [
-        (["decoder=drak"], "decoder='drak': not a valid choice (choices: dark, seed, argmax)"),
+        (["decoder=drak"], "decoder='drak': not a valid choice (choices: dark, quarter_offset, argmax)"),
         (["weights=[1,2]"], "weights=[1, 2]: 2 ensemble weights for 1 checkpoints"),
         (["checkpoints=/no/such.ckpt"], "checkpoints='/no/such.ckpt': no such checkpoint file"),
         (["scales=[0]"], "scales=[0]: must be a list of positive factors (e.g. [1.0] or [1.0,1.25])"),

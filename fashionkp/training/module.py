@@ -28,17 +28,6 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-class _ValidationRunner(TorchHeatmapRunner):
-    """The predictor's runner over the network being trained; keeps the full output of the first (un-flipped)
-    pass, so that the validation loss needs no forward pass of its own."""
-
-    def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.model(x)
-        if self.first_output is None:
-            self.first_output = output
-        return output.refine_heatmaps
-
-
 class CPNModule(pl.LightningModule):
     def __init__(
         self,
@@ -74,15 +63,11 @@ class CPNModule(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def predictor(self) -> tuple[KeypointPredictor, _ValidationRunner]:
+    def predictor(self) -> KeypointPredictor:
         """The deployed predictor over the network in training (flip test as configured, the codec's decoder)."""
         hp = self.hparams
-        runner = _ValidationRunner(
-            TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>"),
-            channels_last=hp.channels_last,
-        )  # fmt: skip
-        runner.first_output = None
-        return KeypointPredictor([runner], flip_test=hp.flip_test), runner
+        trained = TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>")
+        return KeypointPredictor([TorchHeatmapRunner(trained, channels_last=hp.channels_last)], flip_test=hp.flip_test)
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -97,12 +82,11 @@ class CPNModule(pl.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        predictor, runner = self.predictor()
         categories = [CATEGORIES[int(c)] for c in batch["category"]]
         letterboxed = Letterboxed.from_inputs(batch["image"], batch["size"].tolist())
-        points = predictor.predict_letterboxed(letterboxed, categories)
+        points = self.predictor().predict_letterboxed(letterboxed, categories)
         self.val_ne.update(as_submitted(points[:, :, :2]), batch["keypoints"], categories)
-        losses = self.loss(runner.first_output, batch["target"], batch["weight"], batch.get("target_global"))
+        losses = self.loss(self(batch["image"]), batch["target"], batch["weight"], batch.get("target_global"))
         self.log("val/loss", losses["loss"], batch_size=len(batch["image"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

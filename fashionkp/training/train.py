@@ -37,7 +37,7 @@ def apply_deprecated_names(cfg: DictConfig) -> None:
                 cfg.heatmap[key] = value
         cfg.heatmap.decoder = decoder_name(cfg.heatmap.decoder)
         if cfg.get("augmentation") and cfg.augmentation.get("deprecated"):
-            log.warning("%s is deprecated: use %s", hydra_choices().get("augmentation"), cfg.augmentation.deprecated)
+            log.warning("%s", cfg.augmentation.deprecated)
             cfg.augmentation.pop("deprecated")
 
 
