@@ -130,8 +130,7 @@ def _imports(path: Path) -> set[str]:
 
 def test_the_import_graph_runs_one_way():
     modules = {
-        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-        for p in PACKAGE.rglob("*.py")
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in PACKAGE.rglob("*.py")
     }
     graph = {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
     # no cycle (function-level imports included): repeatedly remove modules that import nothing left

@@ -97,9 +97,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def script_args(text: str) -> tuple[str, list[str]]:
-    """``python train.py a=1 b=2`` -> ("train", ["a=1", "b=2"])."""
+    """``python train.py a=1 b=2`` -> ("train", ["a=1", "b=2"]): the command of ``fashionkp.commands``."""
     words = shlex.split(text)
-    return f"fashionkp.{Path(words[1]).stem}", words[2:]
+    return Path(words[1]).stem, words[2:]
 
 
 def dress_photos(synth_data) -> list[Path]:

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from conftest import FASHIONAI_TRAIN, compose_train, needs_shared
 
-from fashionkp.data.dataset import split_records
 from fashionkp.data.fashionai import keypoints_array, read_splits
+from fashionkp.data.split import split_records
 from fashionkp.evaluation.metric import normalized_error
 
 
