@@ -1,4 +1,5 @@
-"""Seconds per CPU training step (batch 16, forward + backward + AdamW) of the CPN, eager vs channels_last.
+"""Seconds per CPU training step (batch 16, forward + backward + AdamW) of the CPN: fp32 eager, fp32
+channels_last and bf16 autocast (trainer.precision=bf16-mixed) with channels_last.
 
 python benchmarks/bench_train_step.py [--quick]
 """
@@ -14,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import median_seconds, print_table  # noqa: E402
 
+from fashionkp.inference.precision import cpu_features  # noqa: E402
 from fashionkp.models import CPN, build_backbone  # noqa: E402
 from fashionkp.training.losses import CPNLoss  # noqa: E402
 
@@ -22,7 +24,9 @@ from fashionkp.training.losses import CPNLoss  # noqa: E402
 LOSS = CPNLoss(pos_weight=20.0, ohkm_ratio=0.5, global_all_levels=True, global_weight=1.0)
 
 
-def step_seconds(backbone: str, size: int, width: int, channels_last: bool, batch: int, repeats: int) -> float:
+def step_seconds(
+    backbone: str, size: int, width: int, channels_last: bool, batch: int, repeats: int, bf16: bool = False
+) -> float:
     torch.manual_seed(0)
     model = CPN(build_backbone(backbone), num_keypoints=24, width=width)
     x = torch.rand(batch, 3, size, size) * 255
@@ -34,7 +38,9 @@ def step_seconds(backbone: str, size: int, width: int, channels_last: bool, batc
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step():
-        loss = LOSS(model(x), target, weight)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as Lightning's bf16-mixed
+            output = model(x)
+        loss = LOSS(output, target, weight)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -58,10 +64,15 @@ def main() -> None:
     for backbone, size, width in combos:
         eager = step_seconds(backbone, size, width, False, args.batch, repeats)
         fast = step_seconds(backbone, size, width, True, args.batch, repeats)
+        bf16 = step_seconds(backbone, size, width, True, args.batch, repeats, bf16=True)
         rows.append({"backbone": backbone, "input": size, "head width": width, "eager s/step": f"{eager:.2f}",
-                     "channels_last s/step": f"{fast:.2f}", "ratio": f"{fast / eager:.2f}"})  # fmt: skip
-    print(f"CPU training step, batch {args.batch}, {args.threads} threads, median of {repeats}")
-    print_table(rows, ["backbone", "input", "head width", "eager s/step", "channels_last s/step", "ratio"])
+                     "channels_last s/step": f"{fast:.2f}", "ratio": f"{fast / eager:.2f}",
+                     "bf16 channels_last s/step": f"{bf16:.2f}", "bf16 speed-up": f"{fast / bf16:.2f}x"})  # fmt: skip
+    print(f"CPU training step ({cpu_features().describe()}), batch {args.batch}, {args.threads} threads, "
+          f"median of {repeats}; bf16 speed-up = fp32 channels_last time / bf16 channels_last time")  # fmt: skip
+    columns = ["backbone", "input", "head width", "eager s/step", "channels_last s/step", "ratio",
+               "bf16 channels_last s/step", "bf16 speed-up"]  # fmt: skip
+    print_table(rows, columns)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,9 @@ def check_inference_config(cfg: DictConfig) -> None:
     for path in checkpoints:
         if not Path(path).is_file():
             raise ConfigError("checkpoints", str(path), "no such checkpoint file")
-    # decoder, backend and ensemble weights: checked by KeypointPredictor, for the Python API too
+    if cfg.get("calibration_root"):
+        check_data_root(as_list(cfg.calibration_root), "calibration_root")
+    # decoder, backend, precision and ensemble weights: checked by KeypointPredictor, for the Python API too
     scales = as_list(cfg.scales)
     if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
         raise ConfigError("scales", scales, "must be a list of positive factors", "e.g. [1.0] or [1.0,1.25]")

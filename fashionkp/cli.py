@@ -1,4 +1,4 @@
-"""The ``fashionkp`` utility: score, draw, synth, concat, export, report."""
+"""The ``fashionkp`` utility: score, draw, synth, concat, export, precision, report."""
 
 from __future__ import annotations
 
@@ -58,7 +58,36 @@ def cmd_concat(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fashionkp.inference.export import export_onnx
 
-    print(export_onnx(args.checkpoint, args.out, args.opset))
+    if args.precision == "fp32":
+        print(export_onnx(args.checkpoint, args.out, args.opset))
+        return 0
+    from fashionkp.inference.precision import calibration_photos, quantize_int8
+
+    if not args.calibration_root:
+        raise UserError("fashionkp export --precision int8 needs --calibration-root (a training split folder)")
+    photos = calibration_photos(args.calibration_root, args.calibration_images)
+    fp32 = export_onnx(args.checkpoint, Path(args.out).with_suffix(".fp32.onnx"), args.opset)
+    print(quantize_int8(fp32, args.out, photos, json.loads(_metadata(fp32))["input_size"]))
+    fp32.unlink()
+    return 0
+
+
+def _metadata(onnx_path: Path) -> str:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}["fashionkp"]
+
+
+def cmd_precision(args: argparse.Namespace) -> int:
+    from fashionkp.evaluation.choose_precision import measure_precisions, table
+    from fashionkp.inference.precision import record_path
+
+    record = measure_precisions(
+        args.checkpoint, args.data_root, args.val_fraction, args.val_salt, args.calibration_images, args.val_images,
+        args.threads,
+    )  # fmt: skip
+    print(table(record))
+    print(f"recorded: {record_path(args.checkpoint)} (precision=auto now runs {args.checkpoint} in {record['choice']})")
     return 0
 
 
@@ -106,11 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_concat)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch)")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch), fp32 or int8")
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: onnxruntime static QDQ quantization, calibrated on --calibration-root")  # fmt: skip
+    p.add_argument("--calibration-root", nargs="+", help="FashionAI split folder(s): training photos calibrate int8")
+    p.add_argument("--calibration-images", type=int, default=128)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "precision", help="measure fp32/bf16/int8 NE and speed of a checkpoint; record the choice for precision=auto"
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--data-root", nargs="+", required=True, help="the FashionAI split folder(s) it was trained on")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="the training run's data.val_fraction")
+    p.add_argument("--val-salt", default="fashionkp", help="the training run's data.val_salt")
+    p.add_argument("--calibration-images", type=int, default=128, help="training photos that calibrate int8")
+    p.add_argument("--val-images", type=int, default=0, help="measure NE on at most this many (0 = all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_precision)
 
     p = sub.add_parser("report", help="overall and per-category validation NE (%%) of the runs under a folder")
     p.add_argument("root", help="a sweep folder (outputs/multirun/train/<time>), a run folder or a folder of runs")

@@ -13,10 +13,6 @@ from omegaconf import DictConfig
 
 from fashionkp.config import CONFIG_DIR, register_resolvers
 from fashionkp.errors import report_user_errors
-from fashionkp.evaluation.evaluate import evaluate
-from fashionkp.inference.predict import predict
-from fashionkp.training.module import NonFiniteLossError
-from fashionkp.training.train import train
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -26,6 +22,10 @@ register_resolvers()
 @report_user_errors("fashionkp-train")
 def train_main(cfg: DictConfig) -> float:
     """The run's validation NE in percent (what a Hydra sweeper minimises)."""
+    # Each command imports only its own stage: predicting needs no Lightning training code loaded.
+    from fashionkp.training.module import NonFiniteLossError
+    from fashionkp.training.train import train
+
     try:
         result = train(cfg)
     except NonFiniteLossError as e:
@@ -41,6 +41,8 @@ def train_main(cfg: DictConfig) -> float:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @report_user_errors("fashionkp-predict")
 def predict_main(cfg: DictConfig) -> None:
+    from fashionkp.inference.predict import predict
+
     predict(cfg)
 
 
@@ -48,4 +50,6 @@ def predict_main(cfg: DictConfig) -> None:
 @report_user_errors("fashionkp-evaluate")
 def evaluate_main(cfg: DictConfig) -> float:
     """The NE in percent (what a Hydra sweeper minimises)."""
+    from fashionkp.evaluation.evaluate import evaluate
+
     return 100 * evaluate(cfg).ne

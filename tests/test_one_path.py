@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import ROOT, TINY, compose_train
@@ -45,6 +46,24 @@ def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path):
     assert scored["per_category"] == pytest.approx(best["per_category"], rel=1e-6, abs=1e-9)
     assert scored["per_keypoint"] == pytest.approx(best["per_keypoint"], rel=1e-6, abs=1e-9)
     assert result["best_val_ne"] == pytest.approx(scored["ne"], rel=1e-6)
+
+
+def test_an_onnx_file_from_before_the_codec_still_loads(tiny_checkpoints, tmp_path):
+    """Exports from before the codec was one object hold only ``decode_sigma`` in their metadata."""
+    from fashionkp.inference.export import export_onnx
+    from fashionkp.inference.predictor import OnnxHeatmapRunner
+
+    path = export_onnx(tiny_checkpoints["a"], tmp_path / "new.onnx")
+    model = onnx.load(str(path))
+    info = json.loads(model.metadata_props[0].value)
+    old = {k: v for k, v in info.items() if k not in ("codec", "format")} | {
+        "decode_sigma": info["codec"]["decode_sigma"]
+    }
+    model.metadata_props[0].value = json.dumps(old)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    runner = OnnxHeatmapRunner(tmp_path / "old.onnx")
+    assert runner.codec == OnnxHeatmapRunner(path).codec.__class__(**{**info["codec"], "sigma": 2 * info["codec"][
+        "decode_sigma"], "global_sigma": 2 * info["codec"]["decode_sigma"]})  # fmt: skip
 
 
 def test_a_checkpoint_from_before_the_codec_still_loads(tiny_checkpoints, synth_data, tmp_path):
@@ -99,8 +118,9 @@ class OracleRunner:
 
 @pytest.mark.parametrize("scales", [(1.0,), (1.0, 1.5), (0.75, 1.0, 1.25)])
 def test_flip_test_and_multi_scale_recover_a_perfect_models_points_exactly(scales):
-    """Every pass (each scale, plain and mirrored) must land on the same photo points: a wrong flip permutation,
-    a shifted mirror or a misaligned grid between scales moves them by whole pixels."""
+    """Every pass (each scale, plain and mirrored) must land on the same photo points: a shifted mirror, a wrong
+    letterbox inverse or a misaligned grid between scales moves them by whole pixels. (The oracle swaps left and
+    right with the code's own permutation, which test_keypoints.py checks against a hand-written table.)"""
     h, w, clothes = 400, 300, "blouse"
     rng = np.random.default_rng(0)
     photo = np.full((NUM_KEYPOINTS, 2), np.nan)

@@ -38,7 +38,7 @@ def test_short_real_run_learns_skirts(tmp_path):
     ], tmp_path)  # fmt: skip
     result = train(cfg)
     records = read_splits(FASHIONAI_TRAIN, ["skirt"])
-    train_records, val_records = split_records(records, 0.2)
+    train_records, val_records = split_records(records, 0.2, "fashionkp")
     baseline = mean_shape_ne(train_records, val_records)
     metrics = pd.read_csv(tmp_path / "csv" / "metrics.csv")
     losses = metrics["train/loss"].dropna().to_numpy()

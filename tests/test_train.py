@@ -87,7 +87,9 @@ FAST_RUNS = [o for o in EVERY_OPTION if o.startswith(("experiment=", "ablation="
 def test_every_experiment_and_ablation_runs_a_fast_dev_run(override, tmp_path, synth_data):
     # an ablation is one change to the CPU recipe
     recipe = ["experiment=fashionai_cpu"] if override.startswith("ablation=") else []
-    cfg = compose_train([*recipe, override, "debug=fdr", f"data.root={synth_data['train']}"], tmp_path)
+    # (small batches: the configs compose and run as they are; only the one step is cheaper)
+    cfg = compose_train([*recipe, override, "debug=fdr", "data.batch_size=2", f"data.root={synth_data['train']}"],
+                        tmp_path)  # fmt: skip
     if override.startswith("experiment="):
         assert cfg.task_name == override.split("=")[1]  # the experiment's values win over train.yaml's
     result = train(cfg)

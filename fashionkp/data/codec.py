@@ -18,17 +18,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fashionkp.errors import ConfigError
+
 log = logging.getLogger(__name__)
 DECODERS = ("dark", "quarter_offset", "argmax")
 #: Old decoder names, accepted for one release with a warning.
 DEPRECATED_DECODERS = {"seed": "quarter_offset"}
 
 
-def decoder_name(name: str) -> str:
-    """``name`` with deprecated aliases replaced (and a warning); unknown names are returned as given."""
+def check_decoder(name: str, key: str = "decoder") -> str:
+    """A decoder's name, a deprecated alias replaced (with a warning); any other name is refused."""
     if name in DEPRECATED_DECODERS:
         log.warning("decoder=%s is deprecated: use decoder=%s", name, DEPRECATED_DECODERS[name])
         return DEPRECATED_DECODERS[name]
+    if name not in DECODERS:
+        raise ConfigError(key, name, "not a valid choice", DECODERS)
     return name
 
 
@@ -86,12 +90,12 @@ def decode_argmax(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _argmax(heatmaps)
 
 
-def decode_quarter_offset(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_quarter_offset(heatmaps: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference CPN system's rule, kept for comparison: 5x5 Gaussian blur, full sort for the two
-    largest values, a quarter-pixel step from the first toward the second, and its ``+2`` input-pixel shift.
+    largest values, a quarter-pixel step from the first toward the second, and its half-stride shift.
 
-    That system mapped heatmap cell ``p`` to input pixel ``4 p + 2``; in this module's convention that
-    input pixel is heatmap coordinate ``p + 0.125``, which is what is returned (at stride 4).
+    That system mapped heatmap cell ``p`` to input pixel ``4 p + 2`` (stride 4); in this module's convention
+    input pixel ``s p + s/2`` is heatmap coordinate ``p + 0.5 / s`` (``p + 0.125`` at stride 4).
     """
     n, k, h, w = heatmaps.shape
     smoothed = blur(heatmaps, gaussian_kernel(1.0, 5, heatmaps.device))
@@ -101,7 +105,7 @@ def decode_quarter_offset(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.T
     first, second = xy[..., 0, :], xy[..., 1, :]
     step = second - first
     length = step.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    coords = first + 0.25 * step / length + 0.125
+    coords = first + 0.25 * step / length + 0.5 / stride
     return coords, flat.gather(2, order[..., :1]).squeeze(2)
 
 
@@ -140,13 +144,14 @@ def decode_dark(heatmaps: torch.Tensor, sigma: float = 1.0) -> tuple[torch.Tenso
     return coords + offset, score
 
 
-def decode_peaks(heatmaps: torch.Tensor, method: str, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_peaks(
+    heatmaps: torch.Tensor, method: str, sigma: float, stride: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode (N, K, H, W) heatmaps into (N, K, 2) heatmap coordinates and (N, K) peak scores."""
-    method = decoder_name(method)
     if method == "dark":
         return decode_dark(heatmaps, sigma)
     if method == "quarter_offset":
-        return decode_quarter_offset(heatmaps)
+        return decode_quarter_offset(heatmaps, stride)
     if method == "argmax":
         return decode_argmax(heatmaps)
     raise ValueError(f"unknown decoder {method!r}; expected one of {', '.join(DECODERS)}")
@@ -184,9 +189,7 @@ class HeatmapCodec:
     include_occluded: bool
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "decoder", decoder_name(self.decoder))
-        if self.decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {self.decoder!r}; expected one of {', '.join(DECODERS)}")
+        object.__setattr__(self, "decoder", check_decoder(self.decoder, "heatmap.decoder"))
 
     def config(self) -> dict:
         """Plain values, for checkpoints and ONNX metadata (``HeatmapCodec(**codec.config())`` rebuilds it)."""
@@ -219,5 +222,5 @@ class HeatmapCodec:
         Always in fp32, even under bf16 autocast: DARK's log and Taylor step are sub-pixel arithmetic.
         """
         with torch.autocast(heatmaps.device.type, enabled=False):
-            coords, scores = decode_peaks(heatmaps.float(), self.decoder, self.decode_sigma)
+            coords, scores = decode_peaks(heatmaps.float(), self.decoder, self.decode_sigma, self.stride)
         return self.to_input(coords.double()), scores.float()

@@ -16,7 +16,7 @@ from fashionkp.config import as_list
 from fashionkp.data.codec import HeatmapCodec
 from fashionkp.data.fashionai import Record, read_splits
 from fashionkp.data.images import load_image
-from fashionkp.data.keypoints import ALL, CATEGORIES, NUM_KEYPOINTS, channels_for, check_category
+from fashionkp.data.keypoints import ALL, CATEGORIES, CATEGORY_ID, NUM_KEYPOINTS, channels_for, check_category
 from fashionkp.data.split import split_records
 from fashionkp.data.transforms import (
     Augmentation,
@@ -29,7 +29,6 @@ from fashionkp.data.transforms import (
 from fashionkp.errors import ConfigError
 
 log = logging.getLogger(__name__)
-CATEGORY_ID = {c: i for i, c in enumerate(CATEGORIES)}
 
 
 class KeypointDataset(Dataset):

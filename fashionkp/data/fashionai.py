@@ -212,9 +212,16 @@ def keypoints_array(records: Sequence[Record]) -> np.ndarray:
     return np.stack([r.keypoints for r in records])
 
 
+def as_submitted(points: np.ndarray) -> np.ndarray:
+    """Points as FashionAI files hold them: whole pixels, rounded half to even. Validation during training and
+    ``evaluate.py`` score these, so both give the NE of the submission file."""
+    return np.round(points)
+
+
 def format_cell(x: float, y: float, v: int) -> str:
-    """One ``x_y_v`` cell, coordinates rounded to the integer pixel indices FashionAI stores."""
-    return f"{int(round(x))}_{int(round(y))}_{int(v)}"
+    """One ``x_y_v`` cell, coordinates as :func:`as_submitted` makes them."""
+    x, y = as_submitted(np.array([x, y], dtype=np.float64))
+    return f"{int(x)}_{int(y)}_{int(v)}"
 
 
 def write_annotations(records: Sequence[Record], csv_path: Path | str) -> None:

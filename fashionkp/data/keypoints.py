@@ -30,6 +30,8 @@ CATEGORY_KEYPOINTS: dict[str, tuple[int, ...]] = {
     "trousers": (15, 16, 19, 20, 21, 22, 23),
 }
 CATEGORIES: tuple[str, ...] = tuple(CATEGORY_KEYPOINTS)
+#: A garment type's index in CATEGORIES (how batches and metric states carry it).
+CATEGORY_ID: dict[str, int] = {c: i for i, c in enumerate(CATEGORIES)}
 #: The pseudo garment type of a single model that predicts all 24 channels.
 ALL = "all"
 

@@ -12,12 +12,6 @@ from fashionkp.data.fashionai import HEADER, FashionAIFormatError, format_cell, 
 from fashionkp.data.keypoints import CATEGORY_KEYPOINTS, NUM_KEYPOINTS, check_category
 
 
-def as_submitted(points: np.ndarray) -> np.ndarray:
-    """Points as a submission file holds them: whole pixels, rounded half to even as :func:`format_cell` writes
-    them. Validation during training and ``evaluate.py`` score these, so both give the NE of the file."""
-    return np.round(points)
-
-
 def write_submission(path: Path | str, image_ids: Sequence[str], categories: Sequence[str], points: np.ndarray) -> Path:
     """Write predictions ``points`` (N, 24, 2+) in original pixels; only each image's own points are written."""
     path = Path(path)

@@ -71,6 +71,11 @@ def warp_image(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     )
 
 
+def letterbox(image: np.ndarray, size: int) -> np.ndarray:
+    """(size, size, 3) network input of a photo: the letterbox placement of :func:`letterbox_matrix`."""
+    return warp_image(image, letterbox_matrix(*image.shape[:2], size), size)
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """Ranges of the random affine and of the colour changes of training samples (``conf/augmentation``)."""

@@ -13,10 +13,10 @@ from omegaconf import DictConfig
 
 from fashionkp.checks import check_data_root, choice
 from fashionkp.config import as_list, register_resolvers
-from fashionkp.data.fashionai import Record, keypoints_array, read_splits, write_annotations
+from fashionkp.data.fashionai import Record, as_submitted, keypoints_array, read_splits, write_annotations
 from fashionkp.data.images import load_image
 from fashionkp.data.split import split_records
-from fashionkp.data.submission import as_submitted, write_submission
+from fashionkp.data.submission import write_submission
 from fashionkp.draw import draw_keypoints, grid_sheet, plot_bars, save_image, side_by_side
 from fashionkp.errors import ConfigError
 from fashionkp.evaluation.metric import NEResult, normalized_error, point_errors
@@ -28,9 +28,7 @@ register_resolvers()
 
 def evaluation_records(cfg: DictConfig, categories: list[str]) -> list[Record]:
     """The labelled images to score: the validation part of ``data.root`` (training's rule) or all of it."""
-    choice(cfg, "split", ("val", "all"))
     root = as_list(cfg.data.root)
-    check_data_root(root)
     records = read_splits(root, categories, cfg.data.missing_images)
     if cfg.split == "val":
         records = split_records(records, cfg.data.val_fraction, cfg.data.val_salt)[1]
@@ -50,12 +48,12 @@ def score(records: list[Record], points: np.ndarray, round_points: bool) -> tupl
 
 
 def write_outputs(cfg: DictConfig, out_dir: Path, records: list[Record], pred: np.ndarray, result: NEResult,
-                  failures: list[str]) -> None:  # fmt: skip
+                  failures: list[str], decoders: list[str]) -> None:  # fmt: skip
     """metrics.json, the per-keypoint bar chart, the predictions as a submission, the split as a test list
     with its answers, and drawings of the worst images."""
     cats = [r.category for r in records]
     payload = {"checkpoints": as_list(cfg.checkpoints), "split": cfg.split, "root": as_list(cfg.data.root),
-               "images": len(records), "failed": failures, "flip_test": cfg.flip_test, "decoder": cfg.decoder,
+               "images": len(records), "failed": failures, "flip_test": cfg.flip_test, "decoders": decoders,
                "scales": as_list(cfg.scales), "rounded": bool(cfg.round), **result.as_dict()}  # fmt: skip
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     plot_bars(result.per_keypoint, out_dir / "ne_per_keypoint.png", f"NE per keypoint (overall {100 * result.ne:.2f}%)")
@@ -88,6 +86,8 @@ def draw_worst(records: list[Record], pred: np.ndarray, count: int, path: Path) 
 def evaluate(cfg: DictConfig) -> NEResult:
     """Predict the labelled split with the configured models and score it; writes the outputs listed in
     :func:`write_outputs` to ``cfg.output_dir``."""
+    choice(cfg, "split", ("val", "all"))
+    check_data_root(as_list(cfg.data.root))  # before any model is loaded: a typo costs seconds
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = predictor_from_cfg(cfg)
@@ -98,6 +98,7 @@ def evaluate(cfg: DictConfig) -> NEResult:
     records, pred, result = score(records, points, cfg.round)
     print(result.table())
     print("per keypoint: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result.per_keypoint.items()))
-    write_outputs(cfg, out_dir, records, pred, result, failures)
+    write_outputs(cfg, out_dir, records, pred, result, failures, sorted({predictor.codec_of(m).decoder
+                                                                         for m in predictor.members}))  # fmt: skip
     log.info("NE %.4f%% on %d images -> %s", 100 * result.ne, len(records), out_dir)
     return result

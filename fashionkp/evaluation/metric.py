@@ -17,10 +17,8 @@ import torch
 from torchmetrics import Metric
 
 from fashionkp.data.fashionai import FashionAIFormatError, keypoints_array, read_csv
-from fashionkp.data.keypoints import CATEGORIES, KEYPOINT_NAMES, NUM_KEYPOINTS, normaliser_indices
+from fashionkp.data.keypoints import CATEGORIES, CATEGORY_ID, KEYPOINT_NAMES, NUM_KEYPOINTS, normaliser_indices
 from fashionkp.data.submission import read_submission
-
-_CATEGORY_ID = {c: i for i, c in enumerate(CATEGORIES)}
 
 
 def point_errors(
@@ -109,7 +107,7 @@ def _pooled_sums(pred, gt, categories) -> tuple[np.ndarray, np.ndarray, int]:
     errors, counted, skipped = point_errors(pred, gt, categories)
     err_sum = np.zeros((len(CATEGORIES), NUM_KEYPOINTS))
     count = np.zeros((len(CATEGORIES), NUM_KEYPOINTS))
-    cat_ids = np.array([_CATEGORY_ID[c] for c in categories], dtype=np.int64)
+    cat_ids = np.array([CATEGORY_ID[c] for c in categories], dtype=np.int64)
     np.add.at(err_sum, cat_ids, errors)
     np.add.at(count, cat_ids, counted.astype(np.float64))
     return err_sum, count, int(skipped.sum())

@@ -40,16 +40,18 @@ class TrainedModel:
     path: str
 
 
-def codec_for(model: CPN, codec: dict[str, Any]) -> HeatmapCodec:
-    """The codec of ``model`` from its config (``heatmap``), at the stride of the network's finest feature map."""
-    return instantiate(codec, stride=model.stride)
+def build_codec(codec: dict[str, Any], stride: int) -> HeatmapCodec:
+    """The codec a config (``heatmap``), a checkpoint or an ONNX file's metadata describes, at ``stride``."""
+    values = {k: v for k, v in codec.items() if k not in ("_target_", "stride")}
+    return instantiate({"_target_": codec.get("_target_", CODEC_TARGET), **values}, stride=stride)
 
 
 def build_model(hparams: dict[str, Any]) -> tuple[CPN, HeatmapCodec]:
     """The network and codec a checkpoint's hyper-parameters describe (weights not loaded)."""
     clothes = check_category(hparams["clothes"], allow_all=True)
     model = build_cpn(hparams["backbone"], len(channels_for(clothes)), hparams["width"], hparams["refine_upsample"])
-    return model, codec_for(model, hparams["codec"])
+    # the stride is the network's: that of its finest feature map
+    return model, build_codec(hparams["codec"], model.stride)
 
 
 def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import torch
 from fashionkp.inference.checkpoint import load_checkpoint
 from fashionkp.models import HeatmapModel
 
+#: Version of what `export_onnx` writes (2: the codec in the metadata); part of the cache key of exported files.
+EXPORT_FORMAT = 2
 DYNAMIC_AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "heatmaps": {0: "batch", 2: "h", 3: "w"}}
 
 
@@ -33,7 +35,8 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
     proto = onnx.load(str(out))
     mean_shape = None if trained.mean_shape is None else np.nan_to_num(trained.mean_shape, nan=-1).tolist()
     info = {
-        "clothes": trained.clothes, "input_size": trained.input_size, "codec": trained.codec.config(),
+        "format": EXPORT_FORMAT, "clothes": trained.clothes, "input_size": trained.input_size,
+        "codec": trained.codec.config(),
         "backbone": trained.model.backbone.name, "checkpoint": str(checkpoint), "mean_shape": mean_shape,
     }  # fmt: skip
     entry = proto.metadata_props.add()

@@ -8,6 +8,7 @@ one prediction path: ``predict.py``, ``evaluate.py`` and the validation during t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from fashionkp.checks import BACKENDS, check_inference_config
 from fashionkp.config import as_list
-from fashionkp.data.codec import DECODERS, DEPRECATED_DECODERS, HeatmapCodec, flip_back
+from fashionkp.data.codec import HeatmapCodec, check_decoder, flip_back
 from fashionkp.data.images import ImageReadError, load_image, to_rgb8
 from fashionkp.data.keypoints import (
     ALL,
@@ -36,10 +37,23 @@ from fashionkp.data.keypoints import (
     check_category,
     flip_permutation,
 )
-from fashionkp.data.transforms import apply_affine, invert_affine, letterbox_matrix, warp_image
+from fashionkp.data.transforms import apply_affine, invert_affine, letterbox, letterbox_matrix
 from fashionkp.errors import ConfigError, UserError
-from fashionkp.inference.checkpoint import CheckpointError, TrainedModel, load_checkpoint, upgrade_hparams
-from fashionkp.inference.export import export_onnx
+from fashionkp.inference.checkpoint import (
+    CheckpointError,
+    TrainedModel,
+    build_codec,
+    load_checkpoint,
+    upgrade_hparams,
+)
+from fashionkp.inference.export import EXPORT_FORMAT, export_onnx
+from fashionkp.inference.precision import (
+    PRECISION_CHOICES,
+    calibration_photos,
+    quantize_int8,
+    recorded_choice,
+    usable,
+)
 
 log = logging.getLogger(__name__)
 #: Where a photo that cannot be read is given its points when no model knows its training mean shape: the
@@ -53,20 +67,28 @@ class GarmentTypeError(UserError, ValueError):
 
 class TorchHeatmapRunner:
     """Runs one trained network: (N, 3, S, S) RGB pixels (uint8 array or tensor) -> (N, K, S/s, S/s) fp32
-    RefineNet heatmaps. ``device=None`` leaves the network where it is (validation during training)."""
+    RefineNet heatmaps. ``device=None`` leaves the network where it is (validation during training);
+    ``bf16`` runs it under bf16 autocast (the heatmaps come back in fp32)."""
 
-    def __init__(self, trained: TrainedModel, device: torch.device | None = None, channels_last: bool = False):
+    def __init__(
+        self,
+        trained: TrainedModel,
+        device: torch.device | None = None,
+        channels_last: bool = False,
+        bf16: bool = False,
+    ) -> None:
         self.model = trained.model if device is None else trained.model.to(device)
         self.device = device
         self.clothes, self.input_size, self.codec = trained.clothes, trained.input_size, trained.codec
         self.mean_shape, self.path = trained.mean_shape, trained.path
-        self.channels_last = channels_last
+        self.channels_last, self.bf16 = channels_last, bf16
+        self.precision = "bf16" if bf16 else "fp32"
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str, device: torch.device, channels_last: bool = False):
-        return cls(load_checkpoint(path), device, channels_last)
+    def from_checkpoint(cls, path: Path | str, device: torch.device, channels_last: bool = False, bf16: bool = False):
+        return cls(load_checkpoint(path), device, channels_last, bf16)
 
     def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).refine_heatmaps
@@ -77,8 +99,11 @@ class TorchHeatmapRunner:
         x = (x if self.device is None else x.to(self.device)).float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        # Without bf16 an enclosing autocast stays in force (validation under trainer.precision=bf16-mixed).
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
+            heatmaps = self.heatmaps(x)
         # fp32 from here on: under bf16 autocast the flip average would otherwise round in bf16 too
-        return self.heatmaps(x).float()
+        return heatmaps.float()
 
 
 class OnnxHeatmapRunner:
@@ -94,9 +119,10 @@ class OnnxHeatmapRunner:
             raise CheckpointError(f"{path}: not an ONNX file exported by `fashionkp export` (no metadata)")
         info = json.loads(meta["fashionkp"])
         self.clothes, self.input_size = info["clothes"], info["input_size"]
+        self.precision = info.get("precision", "fp32")
         # files exported before the codec was one object hold only the decoding blur; their stride was 4
-        codec = info.get("codec") or {"stride": 4, **upgrade_hparams(info)["codec"]}
-        self.codec = HeatmapCodec(**codec)
+        codec = info.get("codec") or upgrade_hparams(info)["codec"]
+        self.codec = build_codec(codec, codec.get("stride", 4))
         self.mean_shape = np.asarray(info["mean_shape"], dtype=np.float64) if info.get("mean_shape") else None
         opts = ort.SessionOptions()
         if threads:
@@ -127,20 +153,32 @@ def _has_onnxruntime() -> bool:
     return True
 
 
-def cached_onnx(checkpoint: Path | str, cache_dir: Path | None = None) -> Path:
-    """The ONNX export of a checkpoint, made once and kept (keyed by the file's path, size and time)."""
+def cached_onnx(
+    checkpoint: Path | str, cache_dir: Path | None = None, int8_calibration: Sequence[Path | str] = ()
+) -> Path:
+    """The ONNX export of a checkpoint, made once and kept (keyed by the file's path, size and time); int8
+    when calibration photos are given (keyed by them too)."""
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint not found: {checkpoint}")
     stat = checkpoint.stat()
-    key = hashlib.sha1(f"{checkpoint}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # EXPORT_FORMAT: files cached by an older fashionkp are made again, not read with new expectations
+    key = hashlib.sha1(f"{checkpoint}:{stat.st_size}:{stat.st_mtime_ns}:{EXPORT_FORMAT}".encode()).hexdigest()[:16]
     cache_dir = cache_dir or Path(torch.hub.get_dir()) / "fashionkp" / "onnx"
     target = cache_dir / f"{checkpoint.stem}-{key}.onnx"
     if not target.is_file():
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         export_onnx(checkpoint, tmp)
         os.replace(tmp, target)
-    return target
+    if not int8_calibration:
+        return target
+    photos = sorted(str(p) for p in int8_calibration)
+    calibration_key = hashlib.sha1("\n".join(photos).encode()).hexdigest()[:12]
+    quantized = cache_dir / f"{checkpoint.stem}-{key}-int8-{calibration_key}.onnx"
+    if not quantized.is_file():
+        log.info("int8: calibrating %s on %d photos", checkpoint.name, len(photos))
+        quantize_int8(target, quantized, photos, load_checkpoint(checkpoint).input_size)
+    return quantized
 
 
 def _device(name: str) -> torch.device:
@@ -181,7 +219,7 @@ class Letterboxed:
         if size not in self._inputs:
             if self.images is None:
                 raise ValueError(f"inputs were given at {list(self._inputs)} pixels only, not at {size}")
-            batch = np.stack([warp_image(img, letterbox_matrix(*img.shape[:2], size), size) for img in self.images])
+            batch = np.stack([letterbox(img, size) for img in self.images])
             self._inputs[size] = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
         return self._inputs[size][list(index)]
 
@@ -194,6 +232,11 @@ class Letterboxed:
             out[row, :, 0] = np.clip(out[row, :, 0], 0, w - 1)
             out[row, :, 1] = np.clip(out[row, :, 1], 0, h - 1)
         return out
+
+
+def input_size_at(input_size: int, scale: float) -> int:
+    """A model's input side at a test scale: the nearest multiple of 32 (at least 32)."""
+    return max(32, int(round(input_size * scale / 32)) * 32)
 
 
 def _mirror(inputs: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -222,17 +265,20 @@ class KeypointPredictor:
         channels_last: bool | None = None,
         onnx_threads: int = 0,
         backend: str = "auto",
+        precision: str = "auto",
+        calibration: Sequence[Path | str] = (),
     ) -> None:
-        checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+        checkpoints = as_list(checkpoints)
         if not checkpoints:
             raise ConfigError("checkpoints", [], "no checkpoint given")
-        if decoder is not None and decoder not in DECODERS and decoder not in DEPRECATED_DECODERS:
-            raise ConfigError("decoder", decoder, "not a valid choice", DECODERS)
+        decoder = None if decoder is None else check_decoder(decoder)
         weights = list(weights) if weights else [1.0] * len(checkpoints)
         if len(weights) != len(checkpoints):
             raise ConfigError("weights", weights, f"{len(weights)} ensemble weights for {len(checkpoints)} checkpoints")
         if backend not in BACKENDS:
             raise ConfigError("backend", backend, "not a valid choice", BACKENDS)
+        if precision not in PRECISION_CHOICES:
+            raise ConfigError("precision", precision, "not a valid choice", PRECISION_CHOICES)
         self.device = _device(device)
         # On CPU onnxruntime is the fastest path, then channels_last PyTorch (benchmarks/bench_inference.py);
         # on GPU PyTorch with cudnn's own layout.
@@ -243,14 +289,44 @@ class KeypointPredictor:
             if not isinstance(item, (str, Path)):
                 runner = item  # a runner of a model already in memory
             elif str(item).endswith(".onnx"):
-                runner = OnnxHeatmapRunner(item, onnx_threads)
-            elif use_onnx:
-                runner = OnnxHeatmapRunner(cached_onnx(item), onnx_threads)
+                runner = OnnxHeatmapRunner(item, onnx_threads)  # runs in the precision it was exported in
             else:
-                runner = TorchHeatmapRunner.from_checkpoint(item, self.device, channels_last)
+                chosen = usable(self._precision_of(item, precision), self.device.type)
+                if chosen == "int8":
+                    runner = OnnxHeatmapRunner(self._int8_file(item, calibration), onnx_threads)
+                elif chosen == "fp32" and use_onnx:
+                    runner = OnnxHeatmapRunner(cached_onnx(item), onnx_threads)
+                else:
+                    runner = TorchHeatmapRunner.from_checkpoint(item, self.device, channels_last, chosen == "bf16")
             self.members.append(Member(runner, float(weight)))
         self.flip_test, self.scales = flip_test, tuple(scales)
         self.decoder, self.decode_sigma = decoder, decode_sigma
+
+    def _precision_of(self, checkpoint: Path | str, precision: str) -> str:
+        """``precision``, or for ``auto`` the choice ``fashionkp precision`` measured and recorded for the file."""
+        if precision != "auto":
+            return precision
+        record = recorded_choice(checkpoint) if self.device.type == "cpu" else None
+        if record is None:
+            return "fp32"
+        figures = record["figures"][record["choice"]]
+        log.info("%s: %s, as measured by `fashionkp precision` (NE %.2f%% vs fp32 %.2f%%, %.0f vs %.0f ms/image)",
+                 Path(checkpoint).name, record["choice"], figures["ne"], record["figures"]["fp32"]["ne"],
+                 figures["ms_per_image"], record["figures"]["fp32"]["ms_per_image"])  # fmt: skip
+        return record["choice"]
+
+    @staticmethod
+    def _int8_file(checkpoint: Path | str, calibration: Sequence[Path | str]) -> Path:
+        """The int8 model of a checkpoint: calibrated on ``calibration``, or the one ``fashionkp precision`` made."""
+        if calibration:
+            return cached_onnx(checkpoint, int8_calibration=calibration)
+        record = recorded_choice(checkpoint)
+        if record and record.get("int8_onnx") and Path(record["int8_onnx"]).is_file():
+            return Path(record["int8_onnx"])
+        raise ConfigError(
+            "precision", "int8", f"{Path(checkpoint).name} has no int8 model yet: it is calibrated on training photos",
+            "give calibration_root=<a training split folder>, or run `fashionkp precision` on the checkpoint",
+        )  # fmt: skip
 
     @property
     def categories(self) -> list[str]:
@@ -275,13 +351,14 @@ class KeypointPredictor:
             codec = replace(codec, decoder=self.decoder)
         return codec if self.decode_sigma is None else replace(codec, decode_sigma=self.decode_sigma)
 
-    def _member_heatmaps(self, member: Member, batch: Letterboxed, index: list[int], grid: int) -> torch.Tensor:
-        """(n, 24, grid, grid) heatmaps of one member, averaged over scales and flips."""
+    def _member_heatmaps(self, member: Member, batch: Letterboxed, index: list[int]) -> torch.Tensor:
+        """(n, K, g, g) heatmaps of one member for the photos ``index``, averaged over scales and flips, on its
+        grid at the largest scale."""
         runner = member.runner
+        grid = input_size_at(runner.input_size, max(self.scales)) // runner.codec.stride
         total = None
         for scale in self.scales:
-            size = max(32, int(round(runner.input_size * scale / 32)) * 32)
-            inputs = batch.at(size, index)
+            inputs = batch.at(input_size_at(runner.input_size, scale), index)
             heatmaps = runner(inputs)
             if self.flip_test:
                 mirrored = runner(_mirror(inputs))
@@ -289,27 +366,36 @@ class KeypointPredictor:
             if heatmaps.shape[-1] != grid:
                 heatmaps = F.interpolate(heatmaps, size=(grid, grid), mode="bilinear", align_corners=False)
             total = heatmaps if total is None else total + heatmaps
-        full = torch.zeros(len(index), NUM_KEYPOINTS, grid, grid, device=total.device)
-        full[:, list(channels_for(runner.clothes))] = total / len(self.scales)
-        return full.cpu()
+        return total / len(self.scales)
 
     def predict_letterboxed(self, batch: Letterboxed, categories: Sequence[str]) -> np.ndarray:
         """(N, 24, 3) x, y, score in original pixels; NaN outside each image's category."""
+        categories = list(categories)
+        by_category = {c: self.members_for(c) for c in dict.fromkeys(categories)}
+        # Each member runs once on all the photos it serves (one pass per flip and scale, not per garment type).
+        served = {id(m): [i for i, c in enumerate(categories) if m in by_category[c]] for m in self.members}
+        heatmaps = {id(m): self._member_heatmaps(m, batch, served[id(m)]) for m in self.members if served[id(m)]}
         out = np.full((len(batch), NUM_KEYPOINTS, 3), np.nan)
-        for category in dict.fromkeys(categories):
+        for category, members in by_category.items():
             index = [i for i, c in enumerate(categories) if c == category]
-            members = self.members_for(category)
+            own = list(CATEGORY_KEYPOINTS[category])
             # Decoded on the finest member's grid, with its codec (its blur is in that grid's pixels).
             finest = max(members, key=lambda m: m.runner.input_size)
             codec = self.codec_of(finest)
-            input_size = int(round(finest.runner.input_size * max(self.scales) / 32)) * 32
+            input_size = input_size_at(finest.runner.input_size, max(self.scales))
             grid = input_size // codec.stride
-            heatmaps = sum(m.weight * self._member_heatmaps(m, batch, index, grid) for m in members)
-            heatmaps = heatmaps / sum(m.weight for m in members)
-            own = list(CATEGORY_KEYPOINTS[category])
-            points, scores = codec.decode(heatmaps[:, own])
-            out[np.ix_(index, own, [0, 1])] = batch.to_photo(points.numpy(), input_size, index)
-            out[np.ix_(index, own, [2])] = scores.numpy()[..., None]
+            total = None
+            for m in members:
+                rows = [served[id(m)].index(i) for i in index]
+                channels = [channels_for(m.runner.clothes).index(k) for k in own]
+                maps = heatmaps[id(m)][rows][:, channels]
+                if maps.shape[-1] != grid:
+                    maps = F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False)
+                maps = m.weight * maps
+                total = maps if total is None else total + maps.to(total.device)
+            points, scores = codec.decode(total / sum(m.weight for m in members))
+            out[np.ix_(index, own, [0, 1])] = batch.to_photo(points.cpu().numpy(), input_size, index)
+            out[np.ix_(index, own, [2])] = scores.cpu().numpy()[..., None]
         return out
 
     def predict_batch(self, images: Sequence[np.ndarray], categories: Sequence[str]) -> np.ndarray:
@@ -378,8 +464,11 @@ def run_on_files(
 def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
     """The predictor that predict.py and evaluate.py configs describe (checked first: one clear line on a typo)."""
     check_inference_config(cfg)
+    roots = as_list(cfg.get("calibration_root"))
+    photos = calibration_photos(roots, cfg.calibration_images) if roots and cfg.precision in ("int8", "auto") else ()
     return KeypointPredictor(
         as_list(cfg.checkpoints), weights=as_list(cfg.get("weights")) or None, device=cfg.device,
         flip_test=cfg.flip_test, scales=as_list(cfg.scales), decoder=cfg.decoder,
-        channels_last=cfg.get("channels_last"), backend=cfg.get("backend", "auto"),
+        channels_last=cfg.get("channels_last"), backend=cfg.get("backend", "auto"), precision=cfg.precision,
+        calibration=photos,
     )  # fmt: skip

@@ -11,8 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fashionkp.data.fashionai import as_submitted
 from fashionkp.data.keypoints import CATEGORIES, check_category
-from fashionkp.data.submission import as_submitted
 from fashionkp.errors import UserError
 from fashionkp.evaluation.metric import NormalizedError
 from fashionkp.inference.checkpoint import TrainedModel, build_model
@@ -26,6 +26,19 @@ class NonFiniteLossError(UserError, FloatingPointError):
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+class _ValidationRunner(TorchHeatmapRunner):
+    """The predictor's runner over the network in training. It keeps the full output of its first pass (the
+    whole batch, not mirrored), so that the validation loss needs no forward pass of its own."""
+
+    first_output: CPNOutput | None = None
+
+    def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.model(x)
+        if self.first_output is None:
+            self.first_output = output
+        return output.refine_heatmaps
 
 
 class CPNModule(pl.LightningModule):
@@ -63,11 +76,12 @@ class CPNModule(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def predictor(self) -> KeypointPredictor:
+    def predictor(self) -> tuple[KeypointPredictor, _ValidationRunner]:
         """The deployed predictor over the network in training (flip test as configured, the codec's decoder)."""
         hp = self.hparams
         trained = TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>")
-        return KeypointPredictor([TorchHeatmapRunner(trained, channels_last=hp.channels_last)], flip_test=hp.flip_test)
+        runner = _ValidationRunner(trained, channels_last=hp.channels_last)
+        return KeypointPredictor([runner], flip_test=hp.flip_test), runner
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -84,9 +98,10 @@ class CPNModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         categories = [CATEGORIES[int(c)] for c in batch["category"]]
         letterboxed = Letterboxed.from_inputs(batch["image"], batch["size"].tolist())
-        points = self.predictor().predict_letterboxed(letterboxed, categories)
+        predictor, runner = self.predictor()
+        points = predictor.predict_letterboxed(letterboxed, categories)
         self.val_ne.update(as_submitted(points[:, :, :2]), batch["keypoints"], categories)
-        losses = self.loss(self(batch["image"]), batch["target"], batch["weight"], batch.get("target_global"))
+        losses = self.loss(runner.first_output, batch["target"], batch["weight"], batch.get("target_global"))
         self.log("val/loss", losses["loss"], batch_size=len(batch["image"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

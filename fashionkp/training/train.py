@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fashionkp.checks import check_train_config
 from fashionkp.config import register_resolvers
-from fashionkp.data.codec import decoder_name
+from fashionkp.data.codec import DEPRECATED_DECODERS, check_decoder
 from fashionkp.data.dataset import FashionAIDataModule
 from fashionkp.errors import ConfigError
 from fashionkp.training.callbacks import AtomicCheckpointIO, NEReport
@@ -27,23 +27,30 @@ register_resolvers()
 
 def apply_deprecated_names(cfg: DictConfig) -> None:
     """Old option names, accepted for one release with a warning: ``model.decoder`` and
-    ``model.decode_sigma`` (now ``heatmap.*``), the decoder ``seed`` (now ``quarter_offset``) and
-    ``augmentation=seed`` (now ``flip_rotate``)."""
+    ``model.decode_sigma`` and ``data.include_occluded`` (now ``heatmap.*``), the decoder ``seed`` (now
+    ``quarter_offset``) and ``augmentation=seed`` (now ``flip_rotate``)."""
     with open_dict(cfg):
-        for key in ("decoder", "decode_sigma"):
-            value = cfg.model.pop(key, None)
+        for group, key in (("model", "decoder"), ("model", "decode_sigma"), ("data", "include_occluded")):
+            value = cfg[group].pop(key, None)
             if value is not None:
-                log.warning("model.%s is deprecated: use heatmap.%s", key, key)
+                log.warning("%s.%s is deprecated: use heatmap.%s", group, key, key)
                 cfg.heatmap[key] = value
-        cfg.heatmap.decoder = decoder_name(cfg.heatmap.decoder)
+        if cfg.heatmap.decoder in DEPRECATED_DECODERS:
+            cfg.heatmap.decoder = check_decoder(cfg.heatmap.decoder)
         if cfg.get("augmentation") and cfg.augmentation.get("deprecated"):
             log.warning("%s", cfg.augmentation.deprecated)
             cfg.augmentation.pop("deprecated")
 
 
 def build(cfg: DictConfig) -> tuple[CPNModule, FashionAIDataModule]:
-    """The LightningModule and the data module that ``cfg`` describes."""
+    """The LightningModule and the data module that ``cfg`` describes (the way to instantiate the model and data
+    configs: it applies the deprecated names first)."""
     apply_deprecated_names(cfg)
+    if cfg.get("augmentation") is not None and "_target_" not in cfg.augmentation:
+        raise ConfigError(
+            "augmentation", OmegaConf.to_container(cfg.augmentation), "changes keys of no augmentation",
+            "pick a config with augmentation=default|mild|flip_rotate before changing its keys",
+        )  # fmt: skip
     module = instantiate(cfg.model, _recursive_=False)
     # The codec is the model's (its stride is the network's): handed over as an object, not as config.
     return module, instantiate(cfg.data, _partial_=True)(codec=module.codec)

@@ -1,0 +1,166 @@
+"""Inference precisions: fp32, bf16 (PyTorch autocast) and int8 (onnxruntime static QDQ quantization with
+per-channel weights, calibrated on training photos); the instruction sets this CPU has; the measured choice
+of a model (``fashionkp precision``), recorded beside its checkpoint and used by ``precision=auto``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from fashionkp.data.fashionai import read_splits
+from fashionkp.data.images import load_image
+from fashionkp.data.split import split_records
+from fashionkp.data.transforms import letterbox
+from fashionkp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "bf16", "int8")
+#: What ``precision=`` accepts: ``auto`` is the measured choice of each model (fp32 where none was measured).
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+#: The NE cost (points) a faster precision may have against fp32 to be chosen by ``precision=auto``.
+NE_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The instruction sets that matter for bf16 and int8 inference."""
+
+    flags: frozenset[str]
+
+    @property
+    def bf16(self) -> bool:
+        """Native bf16 dot products (AVX-512 BF16 or AMX): bf16 is faster than fp32 only with them."""
+        return bool({"avx512_bf16", "amx_bf16"} & self.flags)
+
+    @property
+    def vnni(self) -> bool:
+        """int8 dot products (AVX-512 VNNI, AVX-VNNI or AMX): without them int8 runs, but slower."""
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.flags)
+
+    def describe(self) -> str:
+        simd = "AVX-512" if "avx512f" in self.flags else "AVX2" if "avx2" in self.flags else "no AVX2"
+        return f"{simd}, bf16 {'yes' if self.bf16 else 'no'}, VNNI {'yes' if self.vnni else 'no'}"
+
+
+@cache
+def cpu_features() -> CpuFeatures:
+    """This machine's CPU flags (from /proc/cpuinfo on Linux; none elsewhere, which means fp32)."""
+    flags: set[str] = set()
+    if platform.system() == "Linux" and Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    return CpuFeatures(frozenset(flags))
+
+
+def usable(precision: str, device_type: str, features: CpuFeatures | None = None) -> str:
+    """``precision`` where this device can run it faster than fp32, else fp32, with a log line that says why."""
+    if precision not in PRECISIONS:
+        raise ConfigError("precision", precision, "not a valid choice", PRECISION_CHOICES)
+    if device_type != "cpu":
+        if precision == "int8":
+            log.warning("precision=int8 runs on the CPU (onnxruntime) only: fp32 on %s", device_type)
+            return "fp32"
+        return precision
+    features = features or cpu_features()
+    if precision == "bf16" and not features.bf16:
+        log.warning("precision=bf16: this CPU (%s) has no AVX-512 BF16 or AMX, so fp32 instead", features.describe())
+        return "fp32"
+    if precision == "int8" and not features.vnni:
+        log.warning("precision=int8: this CPU (%s) has no VNNI; int8 runs, but may be slower than fp32",
+                    features.describe())  # fmt: skip
+    return precision
+
+
+def letterboxed(path: Path | str, size: int) -> np.ndarray:
+    """(1, 3, size, size) float32 network input of a photo, as the predictor makes it."""
+    return letterbox(load_image(path), size).transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path | str], input_size: int) -> Path:
+    """Static int8 quantization of an exported model (QDQ, per-channel int8 weights, uint8 activations),
+    its activation ranges calibrated on ``photos`` letterboxed at ``input_size``."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not photos:
+        raise ConfigError("calibration_root", None, "int8 needs calibration photos (training photos of the model)")
+
+    class Photos(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches: Iterator[dict] = ({"images": letterboxed(p, input_size)} for p in photos)
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prepared = out.with_name(f".{out.stem}.{os.getpid()}.prepared.onnx")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(tmp), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )  # fmt: skip
+        model = onnx.load(str(tmp))
+        info = json.loads({p.key: p.value for p in onnx.load(str(fp32_onnx)).metadata_props}["fashionkp"])
+        info.update(precision="int8", calibration_photos=len(photos))
+        del model.metadata_props[:]
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "fashionkp", json.dumps(info)
+        onnx.save(model, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        for leftover in (prepared, tmp):
+            leftover.unlink(missing_ok=True)
+    return out
+
+
+def calibration_photos(
+    roots: Sequence[Path | str], count: int, val_fraction: float = 0.2, val_salt: str = "fashionkp"
+) -> list[Path]:
+    """``count`` training photos of FashionAI split folders, spread evenly over them and over the garment types;
+    never validation photos (the split rule of training), so that NE measured afterwards stays honest."""
+    records = read_splits(list(roots), missing_images="skip")
+    train = split_records(records, val_fraction, val_salt)[0] if val_fraction else records
+    if not train:
+        raise ConfigError("calibration_root", [str(r) for r in roots], "holds no training photos")
+    picks = np.linspace(0, len(train) - 1, min(count, len(train))).round().astype(int)
+    return [train[i].image_path for i in sorted(set(picks))]
+
+
+def record_path(checkpoint: Path | str) -> Path:
+    """Where ``fashionkp precision`` records its measurements of a checkpoint: beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.name}.precision.json")
+
+
+def choose(figures: dict[str, dict[str, float]], tolerance: float = NE_TOLERANCE) -> str:
+    """The fastest precision whose NE (percent) is within ``tolerance`` points of fp32's."""
+    limit = figures["fp32"]["ne"] + tolerance
+    fits = [p for p, f in figures.items() if f["ne"] <= limit]
+    return min(fits, key=lambda p: figures[p]["ms_per_image"])
+
+
+def recorded_choice(checkpoint: Path | str) -> dict | None:
+    """The measured choice of a checkpoint (``fashionkp precision``), if one was recorded for this file."""
+    path = record_path(checkpoint)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    stat = Path(checkpoint).stat()
+    if record.get("checkpoint_size") != stat.st_size:
+        log.warning("%s was measured on another version of %s: ignored", path, checkpoint)
+        return None
+    return record
