@@ -82,7 +82,9 @@ def runner(model: torch.nn.Module, mode: str, x: torch.Tensor, tmp: Path, photos
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
-    parser.add_argument("--models", default="resnet50@512,recipe")
+    parser.add_argument("--models", default="resnet50@512,recipe", help=f"of {', '.join(MODELS)}")
+    parser.add_argument("--backbones", help="instead of --models: these timm backbones (head width 256) at --sizes")
+    parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--modes", default="eager,channels_last,onnx,bf16,int8")
     parser.add_argument("--threads", type=int, default=2)
@@ -98,8 +100,11 @@ def main() -> None:
     modes = args.modes.split(",")
     tmp = Path(tempfile.mkdtemp())
     rows = []
-    for name in args.models.split(","):
-        backbone, size, width = MODELS[name]
+    models = dict(MODELS)
+    if args.backbones:
+        models = {f"{b}@{s}": (b, int(s), 256) for b in args.backbones.split(",") for s in args.sizes.split(",")}
+    for name in models if args.backbones else args.models.split(","):
+        backbone, size, width = models[name]
         photos = calibration_photos([args.calibration_root], 32) if args.calibration_root else None
         for batch in batches:
             x = torch.rand(batch, 3, size, size) * 255

@@ -318,6 +318,8 @@ def fashionkp(ws: Workspace, text: str) -> None:
         assert len(read_submission(argv[-1])) == sum(map(len, parts))
     elif command == "export":
         assert (ws.cwd / argv[2]).stat().st_size > 0
+    elif command == "precision":
+        assert "<- chosen" in out and (ws.cwd / f"{first}.precision.json").is_file()
     else:
         assert "ohkm_on" in (Path(first) / "report.md").read_text()  # the sweep's two ablations
 
@@ -364,6 +366,8 @@ RULES = [
     Rule(r"python train\.py .*logger\.wandb\.offline=false.*", online_wandb_needs_an_account),
     Rule(r"python train\.py .*", train, slow=True),
     Rule(r"python (predict|evaluate)\.py .*", infer),
+    # measuring precisions and calibrating int8 run the model over whole splits: slow
+    Rule(r"fashionkp (precision .*|export .*--precision int8.*)", fashionkp, slow=True),
     Rule(r"fashionkp (score|draw|synth|concat|export|report) .*", fashionkp),
     Rule(r"wandb login", wandb_login),
     Rule(r"wandb sync outputs/train/<run>/wandb/offline-run-\*", wandb_sync_needs_an_account, slow=True),

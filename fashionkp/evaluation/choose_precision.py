@@ -63,7 +63,7 @@ def measure_precisions(
     val = split_records(read_splits(list(roots), categories, "skip"), val_fraction, val_salt)[1]
     if val_images:
         val = [val[i] for i in sorted(set(np.linspace(0, len(val) - 1, min(val_images, len(val))).astype(int)))]
-    photos = calibration_photos(roots, calibration_images, val_fraction, val_salt)
+    photos = calibration_photos(roots, calibration_images, val_fraction, val_salt, categories)
     int8_file = cached_onnx(checkpoint, int8_calibration=photos)
     figures: dict[str, dict[str, float]] = {}
     for precision in PRECISIONS:

@@ -128,11 +128,15 @@ def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path 
 
 
 def calibration_photos(
-    roots: Sequence[Path | str], count: int, val_fraction: float = 0.2, val_salt: str = "fashionkp"
+    roots: Sequence[Path | str],
+    count: int,
+    val_fraction: float = 0.2,
+    val_salt: str = "fashionkp",
+    categories: Sequence[str] | None = None,
 ) -> list[Path]:
-    """``count`` training photos of FashionAI split folders, spread evenly over them and over the garment types;
-    never validation photos (the split rule of training), so that NE measured afterwards stays honest."""
-    records = read_splits(list(roots), missing_images="skip")
+    """``count`` training photos of FashionAI split folders (of ``categories``, or all garment types), spread
+    evenly over them; never validation photos (training's split rule), so that NE measured afterwards is honest."""
+    records = read_splits(list(roots), categories, missing_images="skip")
     train = split_records(records, val_fraction, val_salt)[0] if val_fraction else records
     if not train:
         raise ConfigError("calibration_root", [str(r) for r in roots], "holds no training photos")
