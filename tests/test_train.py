@@ -143,6 +143,18 @@ def test_resume_after_a_crash_is_exact(tmp_path, synth_data):
     assert resumed["val_ne"] == pytest.approx(full["val_ne"], rel=1e-5)
 
 
+def test_last_ckpt_is_the_last_epoch_whatever_the_best_checkpoint_does(tmp_path, synth_data):
+    # Lightning's save_last writes last.ckpt only when the best-checkpoint callback saves (a better val/ne); here
+    # that callback saves no epoch of the three, as when val/ne stops improving. last.ckpt, what a resume starts
+    # from, must still be the last epoch's.
+    overrides = [*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=3",
+                 "data.batch_size=4", "+callbacks.model_checkpoint.every_n_epochs=5"]  # fmt: skip
+    result = train(compose_train(overrides, tmp_path))
+    assert result["best_checkpoint"] == ""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert result["last_checkpoint"] == str(last) and _state(last)["epoch"] == 2
+
+
 def test_wandb_logs_offline_grouped_and_tagged_with_hydra_choices(tmp_path, synth_data, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
 

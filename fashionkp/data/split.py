@@ -15,9 +15,7 @@ def is_validation(image_id: str, fraction: float, salt: str) -> bool:
     return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def split_records(
-    records: Sequence[Record], fraction: float, salt: str
-) -> tuple[list[Record], list[Record]]:
+def split_records(records: Sequence[Record], fraction: float, salt: str) -> tuple[list[Record], list[Record]]:
     """(training, validation) records."""
     train = [r for r in records if not is_validation(r.image_id, fraction, salt)]
     val = [r for r in records if is_validation(r.image_id, fraction, salt)]

@@ -57,7 +57,15 @@ def measure_precisions(
 ) -> dict:
     """NE (percent, whole-pixel points as submitted) and latency of every precision this CPU can run; the record
     it writes beside the checkpoint is returned."""
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _measure(checkpoint, roots, val_fraction, val_salt, calibration_images, val_images, threads)
+    finally:
+        torch.set_num_threads(before)  # the caller's process keeps its own setting
+
+
+def _measure(checkpoint, roots, val_fraction, val_salt, calibration_images, val_images, threads) -> dict:
     trained = load_checkpoint(checkpoint)
     categories = None if trained.clothes == "all" else [trained.clothes]
     val = split_records(read_splits(list(roots), categories, "skip"), val_fraction, val_salt)[1]

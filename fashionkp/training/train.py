@@ -123,6 +123,15 @@ def resume_checkpoint(path: str | None) -> str | None:
     return str(newest)
 
 
+def last_checkpoint(trainer: pl.Trainer) -> str:
+    """The ``last.ckpt`` the run wrote at its last epoch end ("" when it wrote none)."""
+    for callback in trainer.checkpoint_callbacks:
+        path = Path(callback.dirpath or "") / "last.ckpt"
+        if callback.monitor is None and callback.every_n_epochs and path.is_file():
+            return str(path)
+    return ""
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit a CPN as ``cfg`` says; returns the validation NE (percent), the best checkpoint and the run folder."""
     apply_deprecated_names(cfg)
@@ -154,7 +163,7 @@ def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -
         "unit": "%",
         "val_ne": float(trainer.callback_metrics["val/ne"]) if "val/ne" in trainer.callback_metrics else float("nan"),
         "best_checkpoint": best,
-        "last_checkpoint": getattr(checkpoint, "last_model_path", "") if checkpoint else "",
+        "last_checkpoint": last_checkpoint(trainer),
         "output_dir": str(output_dir),
         "global_step": trainer.global_step,
     }
