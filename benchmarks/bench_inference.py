@@ -39,7 +39,7 @@ def export(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
                           dynamic_axes=axes, opset_version=17, dynamo=False)  # fmt: skip
     import onnx
 
-    proto = onnx.load(str(path))  # quantize_int8 carries fashionkp's metadata over
+    proto = onnx.load(str(path))  # quantize_int8 reads the input size from fashionkp's metadata
     entry = proto.metadata_props.add()
     entry.key, entry.value = "fashionkp", json.dumps({"input_size": x.shape[-1]})
     onnx.save(proto, str(path))
@@ -74,7 +74,7 @@ def runner(model: torch.nn.Module, mode: str, x: torch.Tensor, tmp: Path, photos
     fp32 = export(model, x, tmp / f"m{x.shape[-1]}.onnx")
     if mode not in ("onnx", "int8"):
         raise ValueError(mode)
-    path = fp32 if mode == "onnx" else quantize_int8(fp32, tmp / f"m{x.shape[-1]}.int8.onnx", photos, x.shape[-1])
+    path = fp32 if mode == "onnx" else quantize_int8(fp32, tmp / f"m{x.shape[-1]}.int8.onnx", photos)
     ort_session, xn = session(path), x.numpy()
     return lambda: ort_session.run(None, {"images": xn})
 

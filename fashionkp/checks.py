@@ -15,12 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from fashionkp.config import as_list
 from fashionkp.data.codec import DECODERS
+from fashionkp.data.fashionai import MISSING_IMAGE_MODES
 from fashionkp.data.keypoints import CATEGORIES
 from fashionkp.errors import ConfigError
 
 #: Lightning's precision names, aliases included (Hydra reads `32` as an int: compared as text).
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16", "64-true", "64")
-MISSING_IMAGES = ("error", "skip", "ignore")
 BACKENDS = ("auto", "torch", "onnx")
 
 
@@ -47,7 +47,7 @@ def check_train_config(cfg: DictConfig) -> None:
     choice(cfg, "clothes.name", (*CATEGORIES, "all"))
     choice(cfg, "heatmap.decoder", DECODERS)
     choice(cfg, "model.refine_upsample", ("bilinear", "deconv"))
-    choice(cfg, "data.missing_images", MISSING_IMAGES)
+    choice(cfg, "data.missing_images", MISSING_IMAGE_MODES)
     choice(cfg, "trainer.precision", PRECISIONS)
     resolution = cfg.resolution
     if not isinstance(resolution, int) or resolution <= 0 or resolution % 32:

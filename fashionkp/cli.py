@@ -67,15 +67,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("fashionkp export --precision int8 needs --calibration-root (a training split folder)")
     photos = calibration_photos(args.calibration_root, args.calibration_images)
     fp32 = export_onnx(args.checkpoint, Path(args.out).with_suffix(".fp32.onnx"), args.opset)
-    print(quantize_int8(fp32, args.out, photos, json.loads(_metadata(fp32))["input_size"]))
+    print(quantize_int8(fp32, args.out, photos))
     fp32.unlink()
     return 0
-
-
-def _metadata(onnx_path: Path) -> str:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}["fashionkp"]
 
 
 def cmd_precision(args: argparse.Namespace) -> int:

@@ -75,7 +75,7 @@ def parse_cell(cell: str, where: str) -> tuple[float, float, float]:
 
 
 #: Accepted values of ``missing_images``; checked before the file is opened so a typo fails fast.
-_MISSING_IMAGE_MODES: tuple[str, ...] = ("error", "skip", "ignore")
+MISSING_IMAGE_MODES: tuple[str, ...] = ("error", "skip", "ignore")
 
 
 def _default_image_root(csv_path: Path) -> Path:
@@ -156,7 +156,7 @@ def read_csv(
     ``"skip"`` (warn, count and drop) or ``"ignore"`` (do not check the files).
     """
     csv_path = Path(csv_path)
-    if missing_images not in _MISSING_IMAGE_MODES:
+    if missing_images not in MISSING_IMAGE_MODES:
         raise ValueError(f"missing_images must be error, skip or ignore, not {missing_images!r}")
     image_root = Path(image_root) if image_root is not None else _default_image_root(csv_path)
     wanted = set(categories) if categories is not None else None

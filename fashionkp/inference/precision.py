@@ -86,15 +86,17 @@ def letterboxed(path: Path | str, size: int) -> np.ndarray:
     return letterbox(load_image(path), size).transpose(2, 0, 1)[None].astype(np.float32)
 
 
-def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path | str], input_size: int) -> Path:
-    """Static int8 quantization of an exported model (QDQ, per-channel int8 weights, uint8 activations),
-    its activation ranges calibrated on ``photos`` letterboxed at ``input_size``."""
+def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path | str]) -> Path:
+    """Static int8 quantization of an exported model (QDQ, per-channel int8 weights, uint8 activations), its
+    activation ranges calibrated on ``photos`` letterboxed at the model's input size (from the export's metadata)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not photos:
         raise ConfigError("calibration_root", None, "int8 needs calibration photos (training photos of the model)")
+    info = json.loads({p.key: p.value for p in onnx.load(str(fp32_onnx)).metadata_props}["fashionkp"])
+    input_size = info["input_size"]
 
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:
@@ -114,7 +116,6 @@ def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path 
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )  # fmt: skip
         model = onnx.load(str(tmp))
-        info = json.loads({p.key: p.value for p in onnx.load(str(fp32_onnx)).metadata_props}["fashionkp"])
         info.update(precision="int8", calibration_photos=len(photos))
         del model.metadata_props[:]
         entry = model.metadata_props.add()

@@ -177,7 +177,7 @@ def cached_onnx(
     quantized = cache_dir / f"{checkpoint.stem}-{key}-int8-{calibration_key}.onnx"
     if not quantized.is_file():
         log.info("int8: calibrating %s on %d photos", checkpoint.name, len(photos))
-        quantize_int8(target, quantized, photos, load_checkpoint(checkpoint).input_size)
+        quantize_int8(target, quantized, photos)
     return quantized
 
 
