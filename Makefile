@@ -42,6 +42,7 @@ bench: $(STAMP) ## all benchmarks, briefly (prints medians and ratios)
 	$(PY) benchmarks/bench_decoding.py --quick
 	$(PY) benchmarks/bench_data.py --quick
 	$(PY) benchmarks/bench_inference.py --quick
+	$(PY) benchmarks/bench_two_pass.py --quick
 	$(PY) benchmarks/bench_train_step.py --quick
 
 clean: ## remove outputs and caches (keeps .venv)

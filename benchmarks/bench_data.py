@@ -24,7 +24,16 @@ from fashionkp.data.transforms import Augmentation  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashionai" / "train"
 #: conf/augmentation/default.yaml: the training augmentation.
-AUGMENTATION = Augmentation(rotation=30.0, scale=(0.75, 1.25), translate=0.05, flip=0.5, color=True)
+AUGMENTATION = Augmentation(
+    rotation=30.0,
+    scale=(0.75, 1.25),
+    translate=0.05,
+    flip=0.5,
+    color=True,
+    crop=0.0,
+    crop_margin=(0.05, 0.3),
+    crop_jitter=0.05,
+)
 
 
 def codec(size: int) -> HeatmapCodec:

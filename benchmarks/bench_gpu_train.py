@@ -19,7 +19,7 @@ from fashionkp.models import CPN, build_backbone  # noqa: E402
 from fashionkp.training.losses import CPNLoss  # noqa: E402
 
 # conf/model/cpn.yaml's loss (the defaults of the former LossConfig), so the timed step is the trained one.
-LOSS = CPNLoss(pos_weight=20.0, ohkm_ratio=0.5, global_all_levels=True, global_weight=1.0)
+LOSS = CPNLoss(pos_weight=20.0, ohkm_ratio=0.5, global_all_levels=True, global_weight=1.0, type_weight=0.1)
 
 
 def images_per_second(backbone: str, fast: bool, batch: int, steps: int, size: int = 512) -> float:

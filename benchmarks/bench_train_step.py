@@ -21,7 +21,7 @@ from fashionkp.training.losses import CPNLoss  # noqa: E402
 
 # conf/model/cpn.yaml's loss (the defaults of the former LossConfig) on every row, as before, so the figures
 # compare with BENCHMARKS.md; the CPU recipe (experiment=fashionai_cpu) trains with ohkm_ratio 1.0 instead.
-LOSS = CPNLoss(pos_weight=20.0, ohkm_ratio=0.5, global_all_levels=True, global_weight=1.0)
+LOSS = CPNLoss(pos_weight=20.0, ohkm_ratio=0.5, global_all_levels=True, global_weight=1.0, type_weight=0.1)
 
 
 def step_seconds(

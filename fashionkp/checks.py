@@ -3,6 +3,7 @@ seconds with one line naming the key, the value and what would work, not five ep
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import socket
@@ -19,6 +20,7 @@ from fashionkp.data.fashionai import MISSING_IMAGE_MODES
 from fashionkp.data.keypoints import CATEGORIES
 from fashionkp.errors import ConfigError
 
+log = logging.getLogger(__name__)
 #: Lightning's precision names, aliases included (Hydra reads `32` as an int: compared as text).
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "bf16", "16-mixed", "16-true", "16", "64-true", "64")
 BACKENDS = ("auto", "torch", "onnx")
@@ -56,6 +58,7 @@ def check_train_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not value > 0:
             raise ConfigError(key, value, "must be positive")
+    check_two_passes(cfg)
     fraction = cfg.data.val_fraction
     if not cfg.data.get("val_root") and not 0 < fraction < 1:
         raise ConfigError("data.val_fraction", fraction, "must lie between 0 and 1 (or give data.val_root)")
@@ -67,6 +70,29 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("ckpt_path", ckpt, "no such checkpoint file or run folder")
     check_loggers(cfg)  # before the backbone: offline, the weights check would hide this one
     check_backbone(cfg.backbone)
+
+
+def check_two_passes(cfg: DictConfig) -> None:
+    """The crop samples of training and the crop pass of validation."""
+    augmentation = cfg.get("augmentation")
+    if augmentation is not None and "crop" in augmentation:
+        if not 0 <= augmentation.crop <= 1:
+            raise ConfigError("augmentation.crop", augmentation.crop, "the share of crop samples lies in [0, 1]")
+        low, high = augmentation.crop_margin
+        if not 0 <= low <= high:
+            raise ConfigError("augmentation.crop_margin", [low, high], "a range [low, high] with 0 <= low <= high")
+        if augmentation.crop_jitter < 0:
+            raise ConfigError("augmentation.crop_jitter", augmentation.crop_jitter, "must not be negative")
+    if cfg.model.get("two_pass"):
+        if not 0 <= cfg.model.crop_margin <= 2:
+            raise ConfigError("model.crop_margin", cfg.model.crop_margin, "a fraction of the box's side, in [0, 2]")
+        if not cfg.data.get("keep_val_photos"):
+            raise ConfigError(
+                "data.keep_val_photos", False, "model.two_pass validates on crops of the photos themselves"
+            )
+        if augmentation is None or not augmentation.get("crop"):
+            log.warning("model.two_pass without crop samples (augmentation.crop=0): the crop pass sees garments "
+                        "larger than the model was trained on")  # fmt: skip
 
 
 def check_backbone(backbone: DictConfig) -> None:

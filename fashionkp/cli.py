@@ -1,4 +1,4 @@
-"""The ``fashionkp`` utility: score, draw, synth, concat, export, precision, report."""
+"""The ``fashionkp`` utility: score, draw, synth, concat, export, precision, report, serve."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fashionkp.errors import UserError
+from fashionkp.serving import MAX_BYTES, MAX_PIXELS
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -95,6 +96,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("litserve") is None:
+        raise UserError("fashionkp serve needs LitServe, which the serve extra installs: pip install -e '.[serve]'")
+    from fashionkp.serving.server import serve
+
+    serve(
+        args.checkpoints, args.host, args.port, args.log_level, device=args.device, precision=args.precision,
+        max_pixels=args.max_pixels, max_bytes=args.max_bytes, max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout, workers=args.workers, threads=args.threads, timeout=args.timeout,
+    )  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fashionkp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="a sweep folder (outputs/multirun/train/<time>), a run folder or a folder of runs")
     p.add_argument("--out", help="folder for report.md, report.csv and report.png (default: root)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="an HTTP API (POST /predict) and a web page (GET /) for your own photos")
+    p.add_argument("checkpoints", nargs="+", help=".ckpt or .onnx files: one model or an ensemble")
+    # LitServe binds these three only
+    p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"),
+                   help="127.0.0.1: this machine only; 0.0.0.0 or ::, every network interface")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or int8, as predict.py's precision=")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="larger photos are refused (413)")
+    p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="larger request bodies are refused (413)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests run as one batch, up to this")
+    p.add_argument("--batch-timeout", type=float, default=0.01,
+                   help="seconds a worker waits for a batch to fill")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="model worker processes per device")
+    p.add_argument("--threads", type=int, default=0, help="threads per CPU worker (0: the cores shared among them)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for a worker (then 504)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -126,3 +126,69 @@ def skirt_checkpoint(synth_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ckpt_skirt")
     cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1"], run)
     return Path(train(cfg)["last_checkpoint"])
+
+
+class ServeProcess:
+    """``fashionkp serve ARGS`` in a subprocess on a free loopback port, in its own process group so that its model
+    workers can be checked for and stopped with it; its log goes to a file (a pipe nobody reads would stall it)."""
+
+    def __init__(self, args: list[str], log: Path, cwd: Path | None = None) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "fashionkp.cli", "serve", *args, "--port", str(self.port)]
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(
+                command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"fashionkp serve exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.read() == b"ok":
+                        return
+            except OSError:  # not listening yet, or 503 while the workers load
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"fashionkp serve not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def group(self) -> list[int]:
+        """The live processes of the server's process group (its model workers included)."""
+        import contextlib
+
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError):
+                # pid (name) state ppid pgrp ...: the name may hold spaces, what follows it does not
+                state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+                if int(group) == self.process.pid and state != "Z":
+                    alive.append(int(stat.parent.name))
+        return alive
+
+    def stop(self) -> list[int]:
+        """Stop it as docker or systemd would, with SIGTERM; returns the processes that outlived it (then killed)."""
+        import contextlib
+        import signal
+        import time
+
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        finally:
+            time.sleep(0.5)
+            left = self.group()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        return left

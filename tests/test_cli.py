@@ -4,6 +4,7 @@ import pytest
 
 from fashionkp.cli import main
 from fashionkp.data.fashionai import read_csv
+from fashionkp.data.keypoints import CATEGORY_KEYPOINTS
 from fashionkp.data.submission import read_submission, write_submission
 
 
@@ -73,3 +74,44 @@ def test_predict_on_your_own_photos_from_the_command_line(tiny_checkpoints, synt
                                    f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "again" / "points.csv").read_text() == (out / "points.csv").read_text()
+
+
+def test_photos_without_a_garment_type_get_the_models_answer(tiny_checkpoints, synth_data, tmp_path):
+    """predict.py without clothes=: a clothes=all model's type head tells each photo's type (points.json says
+    which, and how sure); evaluate.py given_types=false scores those points and the head's accuracy."""
+    from conftest import run_cli
+    from hydra import compose, initialize_config_dir
+
+    from fashionkp.config import CONFIG_DIR
+    from fashionkp.data.images import load_image
+    from fashionkp.evaluation.evaluate import evaluate
+    from fashionkp.inference.predictor import KeypointPredictor
+
+    photos = sorted((synth_data["train"] / "Images").glob("*/*.jpg"))[:4]
+    out = tmp_path / "out"
+    done = run_cli("predict.py", [f"checkpoints=[{tiny_checkpoints['a']}]", f"images=[{','.join(map(str, photos))}]",
+                                  "draw=0", f"hydra.run.dir={out}"], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["image"]: r for r in json.loads((out / "points.json").read_text())}
+    told = KeypointPredictor([tiny_checkpoints["a"]]).predict_photos([load_image(p) for p in photos], [None] * 4)
+    for i, photo in enumerate(photos):  # the Python API's answer, and the points of that type
+        row = rows[str(photo)]
+        assert not row["category_given"] and row["category"] == told.categories[i]
+        assert row["category_probability"] == pytest.approx(told.type_probabilities[i].max(), rel=1e-5)
+        assert len(row["keypoints"]) == len(CATEGORY_KEYPOINTS[row["category"]])
+    metrics = {}
+    for given in (True, False):
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            cfg = compose("evaluate", overrides=[
+                f"checkpoints=[{tiny_checkpoints['a']}]", f"data.root={synth_data['train']}", "num_workers=0",
+                f"output_dir={tmp_path / str(given)}", "draw_worst=0", f"given_types={given}",
+            ])  # fmt: skip
+        evaluate(cfg)
+        metrics[given] = json.loads((tmp_path / str(given) / "metrics.json").read_text())
+    types = metrics[False]["garment_types"]
+    assert types == metrics[True]["garment_types"] and types["images"] == metrics[True]["images"]
+    assert sum(sum(row.values()) for row in types["confusion"].values()) == types["images"]
+    if types["accuracy"] == 100:  # every type right: the same points, the same NE
+        assert metrics[False]["ne"] == pytest.approx(metrics[True]["ne"])
+    else:  # points of a wrongly told type are missed
+        assert metrics[False]["ne"] > metrics[True]["ne"]

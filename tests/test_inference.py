@@ -104,9 +104,11 @@ def test_onnx_export_matches_pytorch(tiny_checkpoints, synth_data, tmp_path):
     from fashionkp.inference.predictor import OnnxHeatmapRunner, TorchHeatmapRunner
 
     images = (np.random.default_rng(0).random((3, 3, 64, 64)) * 255).astype(np.float32)
-    torch_hm = TorchHeatmapRunner.from_checkpoint(tiny_checkpoints["a"], torch.device("cpu"))(images)
-    onnx_hm = OnnxHeatmapRunner(out)(images)  # batch of 3 through a graph traced with batch 1
+    torch_hm, torch_types = TorchHeatmapRunner.from_checkpoint(tiny_checkpoints["a"], torch.device("cpu"))(images)
+    onnx_hm, onnx_types = OnnxHeatmapRunner(out)(images)  # batch of 3 through a graph traced with batch 1
     assert torch.allclose(torch_hm, onnx_hm, atol=1e-4)
+    # a clothes=all model's garment-type head is the export's second output: probabilities
+    assert torch.allclose(torch_types, onnx_types, atol=1e-5) and torch.allclose(onnx_types.sum(1), torch.ones(3))
     records = read_csv(synth_data["answers"])
     from fashionkp.data.images import load_image
 

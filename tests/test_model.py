@@ -63,7 +63,8 @@ def test_ohkm_keeps_the_hardest_labelled_points():
 
 def _loss(**changes) -> CPNLoss:
     return CPNLoss(
-        **{"pos_weight": 20.0, "ohkm_ratio": 1.0, "global_all_levels": True, "global_weight": 1.0, **changes}
+        **{"pos_weight": 20.0, "ohkm_ratio": 1.0, "global_all_levels": True, "global_weight": 1.0, "type_weight": 0.1}
+        | changes
     )
 
 

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from fashionkp.config import CONFIG_DIR
 from fashionkp.data.codec import HeatmapCodec
-from fashionkp.data.keypoints import CATEGORY_KEYPOINTS, NUM_KEYPOINTS, channels_for, flip_permutation
+from fashionkp.data.keypoints import CATEGORIES, CATEGORY_KEYPOINTS, NUM_KEYPOINTS, channels_for, flip_permutation
 from fashionkp.data.transforms import FILL_VALUE, apply_affine, letterbox_matrix
 from fashionkp.evaluation.evaluate import evaluate
 from fashionkp.inference.checkpoint import load_checkpoint
@@ -26,12 +26,15 @@ PACKAGE = ROOT / "fashionkp"
 CLI_MODULES = {"fashionkp.commands", "fashionkp.cli", "fashionkp.demo"}
 
 
-def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path):
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pass):
     """The NE that selects checkpoints is the deployed predictor's: both score the whole-pixel points a submission
-    holds (rounded half to even), through the same KeypointPredictor, on the same split."""
+    holds (rounded half to even), through the same KeypointPredictor, on the same split; with two passes too
+    (evaluate.py follows the checkpoint's model.two_pass), and the type head's confusion matrix is the same."""
     run = tmp_path / "run"
+    passes = [f"model.two_pass={two_pass}", "augmentation.crop=0.5"]
     cfg = compose_train([*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=1",
-                         "validate_best=true", "data.val_fraction=0.3"], run)  # fmt: skip
+                         "validate_best=true", "data.val_fraction=0.3", *passes], run)  # fmt: skip
     result = train(cfg)
     best = json.loads((run / "val_ne_best.json").read_text())
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -46,6 +49,10 @@ def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path):
     assert scored["per_category"] == pytest.approx(best["per_category"], rel=1e-6, abs=1e-9)
     assert scored["per_keypoint"] == pytest.approx(best["per_keypoint"], rel=1e-6, abs=1e-9)
     assert result["best_val_ne"] == pytest.approx(scored["ne"], rel=1e-6)
+    assert load_checkpoint(result["best_checkpoint"]).crop_margin == (0.15 if two_pass else None)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["garment_types"] == best["garment_types"]
+    assert result["best_type_accuracy"] == best["garment_types"]["accuracy"]
 
 
 def test_an_onnx_file_from_before_the_codec_still_loads(tiny_checkpoints, tmp_path):
@@ -97,10 +104,10 @@ class OracleRunner:
         self.points, self.size, self.clothes, self.input_size = photo_points, photo_size, clothes, input_size
         self.codec = HeatmapCodec(stride=4, sigma=2.0, global_sigma=2.0, decoder="dark", decode_sigma=1.0,
                                   include_occluded=True)  # fmt: skip
-        self.mean_shape, self.path = None, "<oracle>"
+        self.mean_shape, self.path, self.crop_margin, self.has_type_head = None, "<oracle>", None, False
         self.calls: list[tuple[int, bool]] = []
 
-    def __call__(self, inputs) -> torch.Tensor:
+    def __call__(self, inputs) -> tuple[torch.Tensor, None]:
         inputs = np.asarray(inputs)
         side = inputs.shape[-1]
         # The photo is taller than wide: the letterbox pads on the right, so a mirrored input starts with padding.
@@ -113,7 +120,7 @@ class OracleRunner:
             points = points[list(flip_permutation(self.clothes))]
             points[:, 0] = side - 1 - points[:, 0]
         maps = self.codec.encode(points, np.ones(len(points)), side)["target"]
-        return torch.from_numpy(maps)[None]
+        return torch.from_numpy(maps)[None], None
 
 
 @pytest.mark.parametrize("scales", [(1.0,), (1.0, 1.5), (0.75, 1.0, 1.25)])
@@ -171,3 +178,104 @@ def test_the_import_graph_runs_one_way():
                 dep_stage = dep.split(".")[1]
                 if dep_stage in order:
                     assert order.index(dep_stage) <= order.index(stage), f"{name} imports the later stage {dep}"
+    # the server runs trained models (inference) and is started by the fashionkp command only
+    for name, deps in graph.items():
+        if name.startswith("fashionkp.serving"):
+            assert not {d.split(".")[1] for d in deps} & {"evaluation", "training", "commands", "demo"}, name
+        elif any(d.startswith("fashionkp.serving") for d in deps):
+            assert name == "fashionkp.cli", f"{name} imports the server"
+
+
+class CoordinateOracle:
+    """A perfect 'model' that sees where it looks: its photo paints each pixel's own coordinates (red = x,
+    green = y, blue = 0), so the input alone tells which part of the photo it shows and whether it is mirrored,
+    whatever frame (letterbox or crop), scale or flip the predictor chose. It answers the codec's targets of the
+    photo's true points there, and, as a clothes=all model with a type head, fixed type probabilities."""
+
+    def __init__(self, photo_points: np.ndarray, input_size: int, types: np.ndarray | None = None):
+        self.points, self.clothes, self.input_size, self.types = photo_points, "all", input_size, types
+        self.codec = HeatmapCodec(stride=4, sigma=2.0, global_sigma=2.0, decoder="dark", decode_sigma=1.0,
+                                  include_occluded=True)  # fmt: skip
+        self.mean_shape, self.path, self.crop_margin = None, "<oracle>", None
+        self.has_type_head = types is not None
+        self.frames: list[np.ndarray] = []
+
+    @staticmethod
+    def photo(height: int, width: int) -> np.ndarray:
+        assert max(height, width) <= 256  # coordinates must fit in a byte
+        y, x = np.mgrid[:height, :width]
+        return np.dstack([x, y, np.zeros_like(x)]).astype(np.uint8)
+
+    def _input_to_photo(self, image: np.ndarray) -> np.ndarray:
+        """The 2x3 affine from input pixels to photo pixels, fitted on the pixels that show only the photo."""
+        inside = image[2] == 0  # the grey fill and pixels blended with it have blue > 0
+        inside &= (image[0] > 0) & (image[1] > 0)  # (and the photo's own border rows, where blending is one-sided)
+        rows, cols = np.nonzero(inside)
+        design = np.c_[cols, rows, np.ones(len(rows))]
+        coef_x = np.linalg.lstsq(design, image[0][inside].astype(float), rcond=None)[0]
+        coef_y = np.linalg.lstsq(design, image[1][inside].astype(float), rcond=None)[0]
+        return np.stack([coef_x, coef_y])
+
+    def __call__(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs = np.asarray(inputs)
+        side = inputs.shape[-1]
+        maps = []
+        for image in inputs:
+            to_photo = self._input_to_photo(image)
+            self.frames.append(to_photo)
+            points = apply_affine(self.points, np.linalg.inv(np.vstack([to_photo, [0, 0, 1]]))[:2])
+            if to_photo[0, 0] < 0:  # mirrored: the network's channels swap left and right
+                points = points[list(flip_permutation(self.clothes))]
+            maps.append(self.codec.encode(points, np.ones(len(points)), side)["target"])
+        types = None if self.types is None else torch.from_numpy(np.tile(self.types, (len(inputs), 1))).float()
+        return torch.from_numpy(np.stack(maps)), types
+
+
+@pytest.mark.parametrize("scales", [(1.0,), (1.0, 1.5)])
+def test_two_passes_recover_a_perfect_models_points_exactly(scales):
+    """The crop pass sees the photo through another frame: a wrong crop matrix or a wrong inverse moves the
+    points by whole pixels. A perfect model's points must come back through both passes, flip test and
+    scales included, and the second pass must look at a zoomed crop around them."""
+    h, w, clothes = 240, 200, "trousers"
+    rng = np.random.default_rng(1)
+    photo = np.full((NUM_KEYPOINTS, 2), np.nan)
+    own = list(CATEGORY_KEYPOINTS[clothes])
+    photo[own] = np.c_[rng.uniform(70, 130, len(own)), rng.uniform(60, 160, len(own))]
+    oracle = CoordinateOracle(photo, 96)
+    predictor = KeypointPredictor([oracle], flip_test=True, scales=scales, two_pass=True, crop_margin=0.2)
+    points = predictor.predict(CoordinateOracle.photo(h, w), clothes)
+    assert np.abs(points[own, :2] - photo[own]).max() < 0.1
+    # pass 1 saw the letterbox (a 240-px frame), pass 2 a crop of the points' box grown by 0.2 on each side
+    sizes = [int(round(96 * s / 32)) * 32 for s in scales]
+    crop_side = 1.4 * np.ptp(photo[own], axis=0).max()
+    expected = [size / 240 for size in sizes] + [size / crop_side for size in sizes]
+    seen = [1 / np.hypot(*m[:, 0]) for m in oracle.frames]  # input pixels per photo pixel
+    # (within 1%: the crop is placed from pass 1's points, a tenth of a pixel off the true ones)
+    assert all(min(abs(z / e - 1) for e in expected) < 0.01 for z in seen)
+    assert all(min(abs(z / e - 1) for z in seen) < 0.01 for e in expected)
+
+
+def test_a_photo_without_its_type_gets_the_type_heads_weighted_answer():
+    h, w = 240, 200
+    photo = np.full((NUM_KEYPOINTS, 2), 100.0)
+    image = CoordinateOracle.photo(h, w)
+
+    def probabilities(**given):  # in CATEGORIES order, the rest shared equally
+        rest = (1 - sum(given.values())) / (len(CATEGORIES) - len(given))
+        return np.array([given.get(c, rest) for c in CATEGORIES])
+
+    says_blouse = CoordinateOracle(photo, 96, probabilities(blouse=0.9))
+    says_dress = CoordinateOracle(photo, 96, probabilities(blouse=0.1, dress=0.6))
+    # weights 1 and 3: blouse (0.9 + 0.3) / 4 = 0.3 < dress (0.025 + 1.8) / 4 = 0.456
+    ensemble = KeypointPredictor([says_blouse, says_dress], weights=[1, 3], flip_test=False)
+    result = ensemble.predict_photos([image, image], [None, "skirt"])
+    assert result.categories == ["dress", "skirt"] and result.predicted == [True, False]
+    np.testing.assert_allclose(result.type_probabilities[0], probabilities(blouse=0.3, dress=0.45625))
+    # the points are the told type's: a dress's 15, none of the others
+    assert np.isfinite(result.points[0, list(CATEGORY_KEYPOINTS["dress"]), 0]).all()
+    assert np.isnan(np.delete(result.points[0], list(CATEGORY_KEYPOINTS["dress"]), axis=0)).all()
+    assert KeypointPredictor([says_blouse], flip_test=False).predict(image)[0, 0] == pytest.approx(100, abs=0.1)
+    from fashionkp.inference.predictor import GarmentTypeError
+
+    with pytest.raises(GarmentTypeError, match="give the type"):
+        KeypointPredictor([CoordinateOracle(photo, 96)]).predict(image)

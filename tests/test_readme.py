@@ -19,13 +19,15 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, compose_train
+import torch
+from conftest import ROOT, ServeProcess, compose_train
 from omegaconf import OmegaConf
 
 from fashionkp.data.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
@@ -139,6 +141,23 @@ def tiny_sweep(synth_data, tmp_path_factory) -> Path:
     args = ["-m", "experiment=fashionai_cpu", f"data.root={synth_data['train']}", "ablation=baseline,ohkm_on"]
     assert hydra_main("train", [*args, *shrink(args), "debug=fdr"], out) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def readme_server(request, tmp_path_factory) -> Iterator[ServeProcess]:
+    """The README's ``fashionkp serve`` command as printed (``--port`` appended: a free one), running while the
+    commands that talk to it run."""
+    pytest.importorskip("litserve", reason="the serve extra is not installed")
+    text = next(c.text for c in COMMANDS if c.text.startswith("fashionkp serve "))
+    cwd = tmp_path_factory.mktemp("readme_serve")
+    args = shlex.split(Workspace(request, cwd, None, None).prepare(text))[2:]
+    server = ServeProcess(args, cwd / "serve.log", cwd)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        left = server.stop()
+    assert not left, f"fashionkp serve left processes running after SIGTERM: {left}"
 
 
 class Workspace:
@@ -255,6 +274,8 @@ def train(ws: Workspace, text: str) -> None:
     extra = shrink(args)
     if "hparams_search=optuna" in args:
         extra.append("hydra.sweeper.n_trials=2")
+    if "experiment=fashionai_gpu" in args and not torch.cuda.is_available():
+        extra.append("trainer.accelerator=cpu")  # the GPU recipe's one step, on this machine's CPU
     resumed = next((a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")), None)
     if resumed:
         extra.append("trainer.max_epochs=2")  # one epoch more than the run it resumes
@@ -324,6 +345,29 @@ def fashionkp(ws: Workspace, text: str) -> None:
         assert "ohkm_on" in (Path(first) / "report.md").read_text()  # the sweep's two ablations
 
 
+def served(ws: Workspace, text: str) -> None:
+    """The server runs until stopped: readme_server runs the command as printed; here its page is asked for."""
+    server = ws.fixture("readme_server")
+    with urllib.request.urlopen(f"{server.url}/", timeout=30) as page:
+        assert b"<title>fashionkp" in page.read()
+
+
+def curl_predict(ws: Workspace, text: str) -> None:
+    """A curl call to the README's server, its printed address made the server's port."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine")
+    server = ws.fixture("readme_server")
+    text = ws.prepare(text).replace("http://127.0.0.1:8000", server.url)
+    done = subprocess.run(["bash", "-c", text], cwd=ws.cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert "points" in answer, answer
+    assert len(answer["points"]) == len(CATEGORY_KEYPOINTS[answer["type"]["name"]])
+    given = re.search(r"clothes=(\w+)", text)
+    assert answer["type"]["predicted"] == (given is None)
+    assert given is None or answer["type"]["name"] == given[1]
+
+
 def wandb_login(ws: Workspace, text: str) -> None:
     # the venv's wandb has the subcommand; running it would wait for a key typed in
     done = subprocess.run([VENV_BIN / "wandb", *shlex.split(text)[1:], "--help"], capture_output=True, text=True)
@@ -369,6 +413,8 @@ RULES = [
     # measuring precisions and calibrating int8 run the model over whole splits: slow
     Rule(r"fashionkp (precision .*|export .*--precision int8.*)", fashionkp, slow=True),
     Rule(r"fashionkp (score|draw|synth|concat|export|report) .*", fashionkp),
+    Rule(r"fashionkp serve .*", served),
+    Rule(r"curl .*http://127\.0\.0\.1:8000/predict.*", curl_predict),
     Rule(r"wandb login", wandb_login),
     Rule(r"wandb sync outputs/train/<run>/wandb/offline-run-\*", wandb_sync_needs_an_account, slow=True),
     Rule(r"from fashionkp\.inference import KeypointPredictor\n.*", python_api),

@@ -87,9 +87,11 @@ FAST_RUNS = [o for o in EVERY_OPTION if o.startswith(("experiment=", "ablation="
 def test_every_experiment_and_ablation_runs_a_fast_dev_run(override, tmp_path, synth_data):
     # an ablation is one change to the CPU recipe
     recipe = ["experiment=fashionai_cpu"] if override.startswith("ablation=") else []
+    # the GPU recipe on this CPU: no GPU, and no model hub for its ImageNet weights
+    on_cpu = ["trainer.accelerator=cpu", "backbone.pretrained=false"] if override == "experiment=fashionai_gpu" else []
     # (small batches: the configs compose and run as they are; only the one step is cheaper)
-    cfg = compose_train([*recipe, override, "debug=fdr", "data.batch_size=2", f"data.root={synth_data['train']}"],
-                        tmp_path)  # fmt: skip
+    cfg = compose_train([*recipe, override, *on_cpu, "debug=fdr", "data.batch_size=2",
+                         f"data.root={synth_data['train']}"], tmp_path)  # fmt: skip
     if override.startswith("experiment="):
         assert cfg.task_name == override.split("=")[1]  # the experiment's values win over train.yaml's
     result = train(cfg)
@@ -154,6 +156,31 @@ def test_last_ckpt_is_the_last_epoch_whatever_the_best_checkpoint_does(tmp_path,
     assert result["best_checkpoint"] == ""
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert result["last_checkpoint"] == str(last) and _state(last)["epoch"] == 2
+
+
+def test_a_run_fits_its_epochs_and_lr_schedule_to_max_time(tmp_path, synth_data):
+    """Asked for 1000 epochs in 30 seconds, the run trains the whole epochs that fit (timed on its first steps,
+    half the time kept in reserve), ends there by itself (not cut by max_time mid-schedule), its cosine
+    reaches its end (the last LR is the schedule's floor) and its last epoch is validated although the
+    validation interval is longer than the run."""
+    overrides = [*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1000",
+                 "+trainer.max_time=00:00:00:30", "callbacks.time_budget.probe_steps=3",
+                 "callbacks.time_budget.reserve=0.5", "model.scheduler.warmup_steps=2",
+                 "trainer.check_val_every_n_epoch=1000"]  # fmt: skip
+    result = train(compose_train(overrides, tmp_path))
+    state = _state(tmp_path / "checkpoints" / "last.ckpt")
+    epochs = state["callbacks"]["FitEpochsToTime"]["epochs"]
+    steps_per_epoch = result["global_step"] // (state["epoch"] + 1)
+    assert 1 <= epochs < 1000 and state["epoch"] + 1 == epochs
+    group = state["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == pytest.approx(group["initial_lr"] * 0.01, rel=1e-6)  # warmup_cosine's min_ratio
+    validated = (tmp_path / "val_ne.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in validated] == [epochs - 1]
+    # resumed without a time budget and one epoch more: the cut belongs to the budget, the run trains on
+    more = [o for o in overrides if "max_time" not in o and "max_epochs" not in o]
+    more += [f"trainer.max_epochs={epochs + 1}", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"]
+    resumed = train(compose_train(more, tmp_path / "resumed"))
+    assert resumed["global_step"] == result["global_step"] + steps_per_epoch
 
 
 def test_wandb_logs_offline_grouped_and_tagged_with_hydra_choices(tmp_path, synth_data, monkeypatch):

@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import numpy as np
 
 from fashionkp.data.transforms import (
     Augmentation,
     apply_affine,
     augment_matrix,
+    crop_frame,
     invert_affine,
     letterbox_matrix,
     random_matrix,
@@ -66,7 +69,41 @@ def test_points_pushed_outside_lose_their_weight():
 
 
 def test_random_matrices_are_reproducible():
-    cfg = Augmentation(rotation=30.0, scale=(0.75, 1.25), translate=0.05, flip=0.5, color=True)
+    cfg = Augmentation(
+        rotation=30.0,
+        scale=(0.75, 1.25),
+        translate=0.05,
+        flip=0.5,
+        color=True,
+        crop=0.0,
+        crop_margin=(0.05, 0.3),
+        crop_jitter=0.05,
+    )
     a = random_matrix(np.random.default_rng(5), 100, 80, 64, cfg)
     b = random_matrix(np.random.default_rng(5), 100, 80, 64, cfg)
     assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_a_crop_sample_frames_the_garment_with_its_margin():
+    """Crop samples (augmentation.crop) fit the box of the annotated points, grown by the drawn margin, to the
+    input: the points then span (1 / (1 + 2 * margin)) of the input, around its centre."""
+    cfg = Augmentation(rotation=0.0, scale=(1.0, 1.0), translate=0.0, flip=0.0, color=False, crop=1.0,
+                       crop_margin=(0.25, 0.25), crop_jitter=0.0)  # fmt: skip
+    points = np.array([[100.0, 50.0], [140.0, 130.0], [np.nan, np.nan]])  # an 80-px tall box
+    m, flipped = random_matrix(np.random.default_rng(0), 400, 300, 64, cfg, points)
+    inside = apply_affine(points[:2], m)
+    assert not flipped
+    np.testing.assert_allclose(np.ptp(inside, axis=0).max(), 64 / 1.5)
+    np.testing.assert_allclose(inside.mean(axis=0), (63 / 2, 63 / 2))
+    # without annotated points, or with crop=0, a sample shows the whole photo (the letterbox fit)
+    for pts, rate in ((np.full((3, 2), np.nan), 1.0), (points, 0.0)):
+        whole, _ = random_matrix(np.random.default_rng(0), 400, 300, 64, replace(cfg, crop=rate), pts)
+        np.testing.assert_allclose(whole[0, 0], 64 / 400)
+
+
+def test_crop_frames_are_clamped_between_a_quarter_and_the_whole_photo():
+    left, top, side = crop_frame(np.array([[10.0, 10.0], [50.0, 30.0]]), 0.5, 400, 300)
+    # a 40-px box grown to 80 < 400 / 4: a quarter of the long side, centred on the box (30, 20)
+    assert (left, top, side) == (-20.0, -30.0, 100.0)
+    assert crop_frame(np.array([[0.0, 0.0], [299.0, 399.0]]), 0.5, 400, 300)[2] == 400.0  # never past the photo
+    assert crop_frame(np.full((2, 2), np.nan), 0.2, 400, 300) == (-0.5, -0.5, 400.0)  # nothing seen: the letterbox

@@ -41,12 +41,24 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
         ("trainer.precision=bf15", "trainer.precision='bf15': not a valid choice"),
         ("logger.wandb.offline=false", "logger.wandb.offline=False: online wandb needs an account on this machine"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path='/no/such.ckpt': no such checkpoint file or run folder"),
+        ("augmentation.crop=1.5", "augmentation.crop=1.5: the share of crop samples lies in [0, 1]"),
+        (
+            "augmentation.crop_margin=[0.3,0.1]",
+            "augmentation.crop_margin=[0.3, 0.1]: a range [low, high] with 0 <= low <= high",
+        ),
+        ("model.two_pass=true model.crop_margin=5", "model.crop_margin=5: a fraction of the box's side, in [0, 2]"),
     ],
 )
 def test_training_config_mistakes_get_one_line(override, line, synth_data, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    args = [f"data.root={synth_data['train']}", "logger=wandb", *TINY[:2], override, f"hydra.run.dir={tmp_path}"]
+    args = [
+        f"data.root={synth_data['train']}",
+        "logger=wandb",
+        *TINY[:2],
+        *override.split(),
+        f"hydra.run.dir={tmp_path}",
+    ]
     code, err = _entry("train", args, monkeypatch, capsys)
     assert code == 2
     lines = err.strip().splitlines()
@@ -90,6 +102,10 @@ def _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra) -> list[str]:
         (["weights=[1,2]"], "weights=[1, 2]: 2 ensemble weights for 1 checkpoints"),
         (["checkpoints=/no/such.ckpt"], "checkpoints='/no/such.ckpt': no such checkpoint file"),
         (["scales=[0]"], "scales=[0]: must be a list of positive factors (e.g. [1.0] or [1.0,1.25])"),
+        (
+            ["two_pass=true", "crop_margin=-1"],
+            "crop_margin=-1: the crop margin is a fraction of the box's side, in [0, 2]",
+        ),
     ],
 )
 def test_prediction_mistakes_get_one_line(extra, line, tiny_checkpoints, synth_data, tmp_path, monkeypatch, capsys):

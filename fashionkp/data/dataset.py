@@ -10,7 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fashionkp.config import as_list
 from fashionkp.data.codec import HeatmapCodec
@@ -42,6 +42,7 @@ class KeypointDataset(Dataset):
         codec: HeatmapCodec,
         augmentation: Augmentation | None,
         seed: int,
+        keep_photos: bool = False,
     ) -> None:
         if not records:
             raise ValueError(f"empty dataset for clothes={clothes!r}")
@@ -55,9 +56,17 @@ class KeypointDataset(Dataset):
         self.augmentation = augmentation
         self.color = photometric(augmentation.color) if augmentation else None
         self.seed = seed
+        #: Samples carry the photo itself ("photo"), for the crop pass of the two-pass predictor in validation.
+        self.keep_photos = keep_photos
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _annotated(self, record: Record) -> np.ndarray:
+        """(K, 2) the model's points with known positions (NaN elsewhere): where crop samples centre."""
+        points = record.keypoints[self.channels]
+        known = points[:, 2] >= (0 if self.codec.include_occluded else 1)
+        return np.where(known[:, None], points[:, :2], np.nan)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         # EpochSampler hands (index, epoch): augmentation then depends on nothing a worker or a resume loses.
@@ -69,7 +78,7 @@ class KeypointDataset(Dataset):
         if self.augmentation is not None:
             # A per-(seed, epoch, index) generator makes augmentation reproducible across workers and resumes.
             rng = np.random.default_rng((self.seed, epoch, index))
-            matrix, flipped = random_matrix(rng, h, w, size, self.augmentation)
+            matrix, flipped = random_matrix(rng, h, w, size, self.augmentation, self._annotated(record))
         else:
             matrix, flipped = letterbox_matrix(h, w, size), False
         sample_image = warp_image(image, matrix, size)
@@ -87,7 +96,18 @@ class KeypointDataset(Dataset):
             "category": CATEGORY_ID[record.category],
             **{k: torch.from_numpy(v) for k, v in targets.items()},
         }
+        if self.keep_photos:
+            sample["photo"] = image
         return sample
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """Lightning's default collation, photos (of any size) kept as a list."""
+    photos = [s.pop("photo") for s in samples if "photo" in s]
+    batch = default_collate(samples)
+    if photos:
+        batch["photo"] = photos
+    return batch
 
 
 class EpochSampler(Sampler):
@@ -191,6 +211,7 @@ class FashionAIDataModule(pl.LightningDataModule):
         input_size: int,
         augmentation: Augmentation | None,
         codec: HeatmapCodec,
+        keep_val_photos: bool,
     ) -> None:
         super().__init__()
         self.root, self.val_root = as_list(root), as_list(val_root)
@@ -200,6 +221,8 @@ class FashionAIDataModule(pl.LightningDataModule):
         self.clothes = check_category(clothes, allow_all=True)
         self.input_size = input_size
         self.augmentation, self.codec = augmentation, codec
+        #: validation samples carry their photos: the crop pass of a two-pass model needs the full resolution
+        self.keep_val_photos = keep_val_photos
         self.train_set: KeypointDataset | None = None
         self.val_set: KeypointDataset | None = None
         self.mean_shape: np.ndarray | None = None
@@ -226,7 +249,9 @@ class FashionAIDataModule(pl.LightningDataModule):
         log.info("clothes=%s: %d training and %d validation images", self.clothes, len(train), len(val))
         self.mean_shape = mean_shape(train)
         self.train_set = KeypointDataset(train, self.clothes, self.input_size, self.codec, self.augmentation, self.seed)
-        self.val_set = KeypointDataset(val, self.clothes, self.input_size, self.codec, None, self.seed)
+        self.val_set = KeypointDataset(
+            val, self.clothes, self.input_size, self.codec, None, self.seed, keep_photos=self.keep_val_photos
+        )
 
     def _loader(self, dataset: KeypointDataset, shuffle: bool) -> DataLoader:
         kwargs = {"batches_done": self._training_batches_done} if shuffle else {}
@@ -238,6 +263,7 @@ class FashionAIDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.batch_size,
+            collate_fn=collate_samples,
             **kwargs,
         )
 

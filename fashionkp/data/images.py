@@ -40,17 +40,22 @@ def to_rgb8(image: np.ndarray, source: str = "<array>") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def decode_image(data: bytes | np.ndarray, source: str) -> np.ndarray:
+    """The (H, W, 3) RGB uint8 pixels of an image file's bytes; ``source`` names it in errors."""
+    buffer = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
+    if image is None:
+        raise ImageReadError(f"cannot decode image (corrupt, truncated or not an image): {source}")
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    return to_rgb8(image, source)
+
+
 def load_image(path: Path | str) -> np.ndarray:
     """Read an image file as an (H, W, 3) RGB uint8 array."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image file not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise ImageReadError(f"cannot decode image (corrupt, truncated or not an image): {path}")
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    return to_rgb8(image, str(path))
+    return decode_image(np.fromfile(str(path), dtype=np.uint8), str(path))

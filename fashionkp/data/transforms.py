@@ -24,14 +24,40 @@ def _to3x3(m: np.ndarray) -> np.ndarray:
     return np.vstack([m, [0.0, 0.0, 1.0]])
 
 
+def frame_matrix(frame: np.ndarray | tuple[float, float, float], size: int) -> np.ndarray:
+    """Map the square ``frame`` of a photo, (left, top, side) in its pixel coordinates (a pixel's centre is
+    its index, so a photo spans [-0.5, w - 0.5)), onto a ``size`` x ``size`` input."""
+    left, top, side = (float(v) for v in frame)
+    s = size / side
+    return np.array([[s, 0.0, -s * left - 0.5], [0.0, s, -s * top - 0.5]])
+
+
+def letterbox_frame(height: int, width: int) -> tuple[float, float, float]:
+    """The square of a photo that the whole-photo input shows: its long side, from the top-left corner."""
+    return (-0.5, -0.5, float(max(height, width)))
+
+
 def letterbox_matrix(height: int, width: int, size: int) -> np.ndarray:
     """Scale the long side to ``size`` and place the image at the top-left of a square input.
 
     Top-left placement makes the letterbox frame the same square [0, max(h, w)) at every input size,
     so heatmaps of models with different input sizes (ensembles, multi-scale test) align exactly.
     """
-    s = size / max(height, width)
-    return np.array([[s, 0.0, 0.5 * s - 0.5], [0.0, s, 0.5 * s - 0.5]])
+    return frame_matrix(letterbox_frame(height, width), size)
+
+
+def crop_frame(points: np.ndarray, margin: float, height: int, width: int) -> tuple[float, float, float]:
+    """The square frame around ``points`` ((K, 2), NaN ignored) that the crop pass looks at: the points' box,
+    its long side grown by ``margin`` of it on each side, centred on the box; never larger than the
+    letterbox frame (no coarser than the first pass) nor smaller than a quarter of it (a collapsed box)."""
+    points = points[np.isfinite(points).all(axis=1)]
+    longest = float(max(height, width))
+    if not len(points):
+        return letterbox_frame(height, width)
+    low, high = points.min(axis=0), points.max(axis=0)
+    side = float(np.clip((high - low).max() * (1 + 2 * margin), longest / 4, longest))
+    cx, cy = (low + high) / 2
+    return (cx - side / 2, cy - side / 2, side)
 
 
 def augment_matrix(
@@ -42,12 +68,19 @@ def augment_matrix(
     scale: float = 1.0,
     translate: tuple[float, float] = (0.0, 0.0),
     flip: bool = False,
+    frame: tuple[float, float, float] | None = None,
 ) -> np.ndarray:
-    """Image centre to input centre, scaled to fit, rotated, rescaled, shifted (fraction of size), flipped."""
-    s = scale * size / max(height, width)
+    """Image centre to input centre, scaled to fit, rotated, rescaled, shifted (fraction of size), flipped.
+
+    With ``frame`` (left, top, side), that square of the photo is fitted to the input instead of the photo.
+    """
+    if frame is None:
+        src_c, side = np.array([(width - 1) / 2.0, (height - 1) / 2.0]), max(height, width)
+    else:
+        src_c, side = np.array([frame[0] + frame[2] / 2, frame[1] + frame[2] / 2]), frame[2]
+    s = scale * size / side
     a = math.radians(rotation_deg)
     rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]]) * s
-    src_c = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
     dst_c = np.array([(size - 1) / 2.0, (size - 1) / 2.0]) + np.asarray(translate) * size
     m = np.hstack([rot, (dst_c - rot @ src_c)[:, None]])
     if flip:
@@ -90,18 +123,40 @@ class Augmentation:
     flip: float
     #: Colour jitter, grey and blur/noise.
     color: bool
+    #: Fraction of samples centred on the box of their annotated points (what the crop pass of the two-pass
+    #: predictor sees); the others show the whole photo.
+    crop: float
+    #: Margin of a crop sample drawn from [low, high], a fraction of the box's long side on each side.
+    crop_margin: tuple[float, float]
+    #: Shift of a crop sample's centre drawn from +-``crop_jitter`` of its side, in x and y: the predictor's
+    #: box comes from its own first pass, never exactly the annotated one.
+    crop_jitter: float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(self.scale))
+        object.__setattr__(self, "crop_margin", tuple(self.crop_margin))
 
 
 def random_matrix(
-    rng: np.random.Generator, height: int, width: int, size: int, cfg: Augmentation
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    size: int,
+    cfg: Augmentation,
+    points: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
+    """One random affine of a sample; ``points`` ((K, 2) in photo pixels, NaN where not annotated) place the
+    crop samples (``cfg.crop``)."""
     flip = bool(rng.random() < cfg.flip)
+    rotation = float(rng.uniform(-cfg.rotation, cfg.rotation)) if cfg.rotation else 0.0
+    if cfg.crop and points is not None and np.isfinite(points).all(axis=1).any() and rng.random() < cfg.crop:
+        left, top, side = crop_frame(points, float(rng.uniform(*cfg.crop_margin)), height, width)
+        shift = rng.uniform(-cfg.crop_jitter, cfg.crop_jitter, 2) * side if cfg.crop_jitter else np.zeros(2)
+        frame = (left + shift[0], top + shift[1], side)
+        return augment_matrix(height, width, size, rotation_deg=rotation, flip=flip, frame=frame), flip
     m = augment_matrix(
         height, width, size,
-        rotation_deg=float(rng.uniform(-cfg.rotation, cfg.rotation)) if cfg.rotation else 0.0,
+        rotation_deg=rotation,
         scale=float(rng.uniform(*cfg.scale)),
         translate=tuple(rng.uniform(-cfg.translate, cfg.translate, 2)) if cfg.translate else (0.0, 0.0),
         flip=flip,

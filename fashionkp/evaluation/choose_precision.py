@@ -79,7 +79,7 @@ def _measure(checkpoint, roots, val_fraction, val_salt, calibration_images, val_
             continue  # the log line says why
         predictor = KeypointPredictor([checkpoint], device="cpu", precision=precision, calibration=photos,
                                       onnx_threads=threads)  # fmt: skip
-        points, _, _ = run_on_files(predictor, [r.image_path for r in val], [r.category for r in val], 8, 1)
+        points = run_on_files(predictor, [r.image_path for r in val], [r.category for r in val], 8, 1).points
         _, _, result = score(val, points, round_points=True)
         figures[precision] = {
             "ne": round(100 * result.ne, 4),

@@ -15,11 +15,12 @@ from fashionkp.checks import check_data_root, choice
 from fashionkp.config import as_list, register_resolvers
 from fashionkp.data.fashionai import Record, as_submitted, keypoints_array, read_splits, write_annotations
 from fashionkp.data.images import load_image
+from fashionkp.data.keypoints import CATEGORIES
 from fashionkp.data.split import split_records
 from fashionkp.data.submission import write_submission
 from fashionkp.draw import draw_keypoints, grid_sheet, plot_bars, save_image, side_by_side
 from fashionkp.errors import ConfigError
-from fashionkp.evaluation.metric import NEResult, normalized_error, point_errors
+from fashionkp.evaluation.metric import NEResult, garment_type_report, normalized_error, point_errors
 from fashionkp.inference.predictor import predictor_from_cfg, run_on_files
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,27 @@ def score(records: list[Record], points: np.ndarray, round_points: bool) -> tupl
     return records, pred, result
 
 
+def type_report(records: list[Record], probabilities: np.ndarray | None) -> dict | None:
+    """The type heads' accuracy and confusion matrix on ``records`` (photos no head saw left out), or None when
+    no model has a head."""
+    if probabilities is None:
+        return None
+    seen = np.isfinite(probabilities).all(axis=1)
+    confusion = np.zeros((len(CATEGORIES), len(CATEGORIES)), np.int64)
+    true = [CATEGORIES.index(r.category) for r, ok in zip(records, seen, strict=True) if ok]
+    np.add.at(confusion, (true, probabilities[seen].argmax(axis=1)), 1)
+    return garment_type_report(confusion)
+
+
 def write_outputs(cfg: DictConfig, out_dir: Path, records: list[Record], pred: np.ndarray, result: NEResult,
-                  failures: list[str], decoders: list[str]) -> None:  # fmt: skip
+                  failures: list[str], decoders: list[str], types: dict | None) -> None:  # fmt: skip
     """metrics.json, the per-keypoint bar chart, the predictions as a submission, the split as a test list
     with its answers, and drawings of the worst images."""
     cats = [r.category for r in records]
     payload = {"checkpoints": as_list(cfg.checkpoints), "split": cfg.split, "root": as_list(cfg.data.root),
                "images": len(records), "failed": failures, "flip_test": cfg.flip_test, "decoders": decoders,
-               "scales": as_list(cfg.scales), "rounded": bool(cfg.round), **result.as_dict()}  # fmt: skip
+               "scales": as_list(cfg.scales), "rounded": bool(cfg.round), "given_types": bool(cfg.given_types),
+               **result.as_dict(), **({"garment_types": types} if types else {})}  # fmt: skip
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     plot_bars(result.per_keypoint, out_dir / "ne_per_keypoint.png", f"NE per keypoint (overall {100 * result.ne:.2f}%)")
     write_submission(out_dir / "predictions.csv", [r.image_id for r in records], cats, pred)
@@ -92,13 +106,23 @@ def evaluate(cfg: DictConfig) -> NEResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = predictor_from_cfg(cfg)
     records = evaluation_records(cfg, as_list(cfg.get("categories")) or predictor.categories)
-    points, failures, _ = run_on_files(
-        predictor, [r.image_path for r in records], [r.category for r in records], cfg.batch_size, cfg.num_workers
-    )
+    if not cfg.given_types and not predictor.identifies_types:
+        raise ConfigError("given_types", False, "none of the models tells garment types (no type head)")
+    # given_types=false: the model tells each photo's type, and points of a wrong type count as missed
+    given = [r.category if cfg.given_types else None for r in records]
+    run = run_on_files(predictor, [r.image_path for r in records], given, cfg.batch_size, cfg.num_workers)
+    points = run.points
+    if not cfg.given_types:
+        points = np.where(np.isnan(points), -1.0, points)  # a point of the true type the told type lacks: missed
+        points[[c is None for c in run.categories]] = np.nan  # unreadable
+    types = type_report(records, run.type_probabilities)
     records, pred, result = score(records, points, cfg.round)
     print(result.table())
+    if types:
+        print(f"garment types told by the model: {types['accuracy']:.2f}% right on {types['images']} images "
+              f"({'given to the predictor' if cfg.given_types else 'used for the points'})")  # fmt: skip
     print("per keypoint: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result.per_keypoint.items()))
-    write_outputs(cfg, out_dir, records, pred, result, failures, sorted({predictor.codec_of(m).decoder
-                                                                         for m in predictor.members}))  # fmt: skip
+    decoders = sorted({predictor.codec_of(m).decoder for m in predictor.members})
+    write_outputs(cfg, out_dir, records, pred, result, run.failures, decoders, types)
     log.info("NE %.4f%% on %d images -> %s", 100 * result.ne, len(records), out_dir)
     return result

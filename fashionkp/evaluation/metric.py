@@ -153,6 +153,20 @@ class NormalizedError(Metric):
         return _summarise(sums["err_sum"].cpu().numpy(), sums["count"].cpu().numpy(), int(sums["skipped"].item()))
 
 
+def garment_type_report(confusion: np.ndarray) -> dict:
+    """Accuracy (percent) and counts of a type head from its (5, 5) confusion matrix (rows: the true type,
+    columns: the type told, ``CATEGORIES`` order): ``{"accuracy", "images", "confusion": {true: {told: n}}}``."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    total = int(confusion.sum())
+    return {
+        "accuracy": 100 * int(np.trace(confusion)) / max(1, total),
+        "images": total,
+        "confusion": {
+            t: dict(zip(CATEGORIES, map(int, row), strict=True)) for t, row in zip(CATEGORIES, confusion, strict=True)
+        },
+    }
+
+
 def score_submission(answers: Path | str, submission: Path | str) -> NEResult:
     """The official NE of a submission file against an answer CSV (``fashionkp score``); every answered image
     needs a prediction of the same garment type."""

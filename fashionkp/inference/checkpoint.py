@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 
 from fashionkp.data.codec import HeatmapCodec
-from fashionkp.data.keypoints import channels_for, check_category
+from fashionkp.data.keypoints import ALL, CATEGORIES, channels_for, check_category
 from fashionkp.errors import UserError
 from fashionkp.models import CPN, build_cpn
 
@@ -38,6 +38,8 @@ class TrainedModel:
     #: (5, 24, 2) training mean shape per garment type; None for checkpoints from before it was saved.
     mean_shape: np.ndarray | None
     path: str
+    #: The margin of the crop pass when the model was trained to predict in two passes, else None.
+    crop_margin: float | None = None
 
 
 def build_codec(codec: dict[str, Any], stride: int) -> HeatmapCodec:
@@ -49,7 +51,11 @@ def build_codec(codec: dict[str, Any], stride: int) -> HeatmapCodec:
 def build_model(hparams: dict[str, Any]) -> tuple[CPN, HeatmapCodec]:
     """The network and codec a checkpoint's hyper-parameters describe (weights not loaded)."""
     clothes = check_category(hparams["clothes"], allow_all=True)
-    model = build_cpn(hparams["backbone"], len(channels_for(clothes)), hparams["width"], hparams["refine_upsample"])
+    # a garment type is only worth telling for a model that serves every type
+    num_types = len(CATEGORIES) if hparams.get("type_head") and clothes == ALL else 0
+    model = build_cpn(
+        hparams["backbone"], len(channels_for(clothes)), hparams["width"], hparams["refine_upsample"], num_types
+    )
     # the stride is the network's: that of its finest feature map
     return model, build_codec(hparams["codec"], model.stride)
 
@@ -98,4 +104,7 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the model its hyper-parameters describe: {e}") from e
     mean_shape = np.asarray(ckpt["mean_shape"], dtype=np.float64) if "mean_shape" in ckpt else None
-    return TrainedModel(model.eval(), codec, hparams["clothes"], hparams["input_size"], mean_shape, str(path))
+    crop_margin = float(hparams["crop_margin"]) if hparams.get("two_pass") else None
+    return TrainedModel(
+        model.eval(), codec, hparams["clothes"], hparams["input_size"], mean_shape, str(path), crop_margin
+    )

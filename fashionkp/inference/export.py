@@ -13,9 +13,14 @@ import torch
 from fashionkp.inference.checkpoint import load_checkpoint
 from fashionkp.models import HeatmapModel
 
-#: Version of what `export_onnx` writes (2: the codec in the metadata); part of the cache key of exported files.
-EXPORT_FORMAT = 2
-DYNAMIC_AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "heatmaps": {0: "batch", 2: "h", 3: "w"}}
+#: Version of what `export_onnx` writes (2: the codec in the metadata; 3: the crop margin and the garment-type
+#: output); part of the cache key of exported files.
+EXPORT_FORMAT = 3
+DYNAMIC_AXES = {
+    "images": {0: "batch", 2: "height", 3: "width"},
+    "heatmaps": {0: "batch", 2: "h", 3: "w"},
+    "garment_type": {0: "batch"},
+}
 
 
 def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Path:
@@ -24,11 +29,14 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
     dummy = torch.rand(1, 3, trained.input_size, trained.input_size) * 255
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # a model with a garment-type head has a second output: the type probabilities
+    outputs = ["heatmaps"] if trained.model.type_head is None else ["heatmaps", "garment_type"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (dummy,), str(out), input_names=["images"], output_names=["heatmaps"],
-            dynamic_axes=DYNAMIC_AXES, opset_version=opset, dynamo=False,
+            model, (dummy,), str(out), input_names=["images"], output_names=outputs,
+            dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k == "images" or k in outputs},
+            opset_version=opset, dynamo=False,
         )  # fmt: skip
     import onnx
 
@@ -38,6 +46,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
         "format": EXPORT_FORMAT, "clothes": trained.clothes, "input_size": trained.input_size,
         "codec": trained.codec.config(),
         "backbone": trained.model.backbone.name, "checkpoint": str(checkpoint), "mean_shape": mean_shape,
+        "crop_margin": trained.crop_margin,
     }  # fmt: skip
     entry = proto.metadata_props.add()
     entry.key, entry.value = "fashionkp", json.dumps(info)

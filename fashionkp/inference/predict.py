@@ -44,8 +44,7 @@ def draw_predictions(paths, categories, points, out_dir: Path, limit: int) -> Pa
     """Draw ``limit`` predictions spread evenly over the run (so every garment type of a test list shows)."""
     drawn = []
     for i in sorted(set(np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int))):
-        own = list(CATEGORY_KEYPOINTS[categories[i]])
-        if np.isnan(points[i, own, 0]).any():
+        if categories[i] is None or np.isnan(points[i, list(CATEGORY_KEYPOINTS[categories[i]]), 0]).any():
             continue
         image = draw_keypoints(load_image(paths[i]), points[i, :, :2], categories[i], label=categories[i])
         save_image(out_dir / "drawn" / f"{Path(paths[i]).stem}.jpg", image)
@@ -63,7 +62,7 @@ def predict_test_csv(cfg: DictConfig, predictor: KeypointPredictor) -> tuple[dic
             "test_csv", str(cfg.test_csv), f"has garment types {unsupported} that no checkpoint was trained for"
         )
     paths, categories = [r.image_path for r in records], [r.category for r in records]
-    points, failures, _ = run_on_files(predictor, paths, categories, cfg.batch_size, cfg.num_workers)
+    points, failures, *_ = run_on_files(predictor, paths, categories, cfg.batch_size, cfg.num_workers)
     failed = np.isnan(points[:, :, 0]).all(1)
     written = points[:, :, :2].copy()
     for i in np.flatnonzero(failed):
@@ -77,29 +76,43 @@ def predict_test_csv(cfg: DictConfig, predictor: KeypointPredictor) -> tuple[dic
 
 
 def predict_photos(cfg: DictConfig, predictor: KeypointPredictor) -> tuple[dict, list, list, np.ndarray]:
-    """Photos of one garment type -> points.csv and points.json (x, y, score per named point)."""
+    """Photos -> points.csv and points.json (x, y, score per named point): of the garment type given
+    (clothes=...), or each of the type the model tells."""
     clothes = (cfg.get("clothes") or {}).get("name")
-    if not clothes or clothes == ALL:
-        raise ConfigError("clothes", clothes, "give the garment type of the photos", CATEGORIES)
-    predictor.members_for(clothes)  # a model for this garment type, before any photo is read
+    if clothes == ALL or (not clothes and not predictor.identifies_types):
+        raise ConfigError(
+            "clothes", clothes, "give the garment type of the photos (only a clothes=all model with a type head "
+            "tells it)", CATEGORIES,
+        )  # fmt: skip
+    if clothes:
+        predictor.members_for(clothes)  # a model for this garment type, before any photo is read
+    else:
+        log.info("garment types: told by the model (give clothes=... to set them)")
     paths = list_images(cfg.images)
-    categories = [clothes] * len(paths)
-    points, failures, _ = run_on_files(predictor, paths, categories, cfg.batch_size, cfg.num_workers)
-    own = list(CATEGORY_KEYPOINTS[clothes])
-    rows = [
-        {"image": str(path), "category": clothes,
-         "keypoints": {KEYPOINT_NAMES[k]: [float(v) for v in pts[k]] for k in own}}
-        for path, pts in zip(paths, points, strict=True)
-        if not np.isnan(pts[own, 0]).any()
-    ]  # fmt: skip
+    points, failures, _, categories, probabilities = run_on_files(
+        predictor, paths, [clothes] * len(paths), cfg.batch_size, cfg.num_workers
+    )
+    rows = []
+    for i, (path, pts, category) in enumerate(zip(paths, points, categories, strict=True)):
+        if category is None or np.isnan(pts[list(CATEGORY_KEYPOINTS[category]), 0]).any():
+            continue  # unreadable, reported above
+        row = {"image": str(path), "category": category, "category_given": bool(clothes)}
+        if probabilities is not None:
+            row["category_probability"] = float(probabilities[i, CATEGORIES.index(category)])
+        row["keypoints"] = {KEYPOINT_NAMES[k]: [float(v) for v in pts[k]] for k in CATEGORY_KEYPOINTS[category]}
+        rows.append(row)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "points.json").write_text(json.dumps(rows, indent=1))
-    columns = [f"{KEYPOINT_NAMES[k]}_{a}" for k in own for a in ("x", "y", "score")]
-    lines = ["image,category," + ",".join(columns)]
+    # one column per named point: a garment type's photos leave the others' columns empty
+    used = [k for k in range(len(KEYPOINT_NAMES)) if any(k in CATEGORY_KEYPOINTS[r["category"]] for r in rows)]
+    columns = [f"{KEYPOINT_NAMES[k]}_{a}" for k in used for a in ("x", "y", "score")]
+    lines = [",".join(["image", "category", *columns])]
     for row in rows:
-        values = [f"{v:.2f}" for k in own for v in row["keypoints"][KEYPOINT_NAMES[k]]]
-        lines.append(f"{row['image']},{clothes}," + ",".join(values))
+        points_of = row["keypoints"]
+        values = [f"{v:.2f}" if KEYPOINT_NAMES[k] in points_of else "" for k in used
+                  for v in points_of.get(KEYPOINT_NAMES[k], [0.0, 0.0, 0.0])]  # fmt: skip
+        lines.append(f"{row['image']},{row['category']}," + ",".join(values))
     (out_dir / "points.csv").write_text("\n".join(lines) + "\n")
     summary = {"points": str(out_dir / "points.csv"), "images": len(rows), "failed": len(failures),
                "failures": failures}  # fmt: skip
@@ -111,7 +124,8 @@ def predict(cfg: DictConfig) -> dict:
     if bool(cfg.test_csv) == bool(cfg.images):
         raise ConfigError(
             "test_csv/images", None, "give exactly one",
-            "test_csv=FILE for a submission, or images=FOLDER_OR_LIST clothes=GARMENT_TYPE for your photos",
+            "test_csv=FILE for a submission, or images=FOLDER_OR_LIST for your photos (with clothes=GARMENT_TYPE "
+            "unless a clothes=all model tells it)",
         )  # fmt: skip
     predictor = predictor_from_cfg(cfg)
     run = predict_test_csv if cfg.test_csv else predict_photos

@@ -4,6 +4,7 @@ one prediction path: ``predict.py``, ``evaluate.py`` and the validation during t
 
     predictor = KeypointPredictor(["dress.ckpt", "all.ckpt"])
     points = predictor.predict("photo.jpg", "dress")   # (24, 3): x, y, score in original pixels
+    result = predictor.predict_photos([image], [None])  # the garment type told by a clothes=all model's head
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +39,14 @@ from fashionkp.data.keypoints import (
     check_category,
     flip_permutation,
 )
-from fashionkp.data.transforms import apply_affine, invert_affine, letterbox, letterbox_matrix
+from fashionkp.data.transforms import (
+    apply_affine,
+    crop_frame,
+    frame_matrix,
+    invert_affine,
+    letterbox_frame,
+    warp_image,
+)
 from fashionkp.errors import ConfigError, UserError
 from fashionkp.inference.checkpoint import (
     CheckpointError,
@@ -54,8 +63,11 @@ from fashionkp.inference.precision import (
     recorded_choice,
     usable,
 )
+from fashionkp.models import CPNOutput
 
 log = logging.getLogger(__name__)
+#: The crop pass's margin (a fraction of the box's side) for models trained without a recorded one.
+DEFAULT_CROP_MARGIN = 0.15
 #: Where a photo that cannot be read is given its points when no model knows its training mean shape: the
 #: centre of a 512-pixel FashionAI photo.
 UNKNOWN_SHAPE_POINT = 255.5
@@ -67,8 +79,9 @@ class GarmentTypeError(UserError, ValueError):
 
 class TorchHeatmapRunner:
     """Runs one trained network: (N, 3, S, S) RGB pixels (uint8 array or tensor) -> (N, K, S/s, S/s) fp32
-    RefineNet heatmaps. ``device=None`` leaves the network where it is (validation during training);
-    ``bf16`` runs it under bf16 autocast (the heatmaps come back in fp32)."""
+    RefineNet heatmaps and, for a model with a type head, (N, 5) garment-type probabilities (else None).
+    ``device=None`` leaves the network where it is (validation during training); ``bf16`` runs it under bf16
+    autocast (the outputs come back in fp32)."""
 
     def __init__(
         self,
@@ -80,7 +93,8 @@ class TorchHeatmapRunner:
         self.model = trained.model if device is None else trained.model.to(device)
         self.device = device
         self.clothes, self.input_size, self.codec = trained.clothes, trained.input_size, trained.codec
-        self.mean_shape, self.path = trained.mean_shape, trained.path
+        self.mean_shape, self.path, self.crop_margin = trained.mean_shape, trained.path, trained.crop_margin
+        self.has_type_head = trained.model.type_head is not None
         self.channels_last, self.bf16 = channels_last, bf16
         self.precision = "bf16" if bf16 else "fp32"
         if channels_last:
@@ -90,20 +104,22 @@ class TorchHeatmapRunner:
     def from_checkpoint(cls, path: Path | str, device: torch.device, channels_last: bool = False, bf16: bool = False):
         return cls(load_checkpoint(path), device, channels_last, bf16)
 
-    def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).refine_heatmaps
+    def network(self, x: torch.Tensor) -> CPNOutput:
+        return self.model(x)
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(images)
-        x = (x if self.device is None else x.to(self.device)).float()
+    def __call__(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # without a device of its own (validation), the network's: a crop pass's inputs come from the CPU
+        device = self.device or next(self.model.parameters()).device
+        x = torch.as_tensor(images).to(device).float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # Without bf16 an enclosing autocast stays in force (validation under trainer.precision=bf16-mixed).
         with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
-            heatmaps = self.heatmaps(x)
+            output = self.network(x)
         # fp32 from here on: under bf16 autocast the flip average would otherwise round in bf16 too
-        return heatmaps.float()
+        types = None if output.type_logits is None else output.type_logits.float().softmax(dim=1)
+        return output.refine_heatmaps.float(), types
 
 
 class OnnxHeatmapRunner:
@@ -124,16 +140,18 @@ class OnnxHeatmapRunner:
         codec = info.get("codec") or upgrade_hparams(info)["codec"]
         self.codec = build_codec(codec, codec.get("stride", 4))
         self.mean_shape = np.asarray(info["mean_shape"], dtype=np.float64) if info.get("mean_shape") else None
+        self.crop_margin = info.get("crop_margin")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.has_type_head = len(self.session.get_outputs()) > 1
         self.device = torch.device("cpu")
 
-    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         images = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
-        out = self.session.run(None, {"images": images.astype(np.float32)})[0]
-        return torch.from_numpy(out)
+        outputs = self.session.run(None, {"images": images.astype(np.float32)})
+        return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1]) if self.has_type_head else None
 
 
 HeatmapRunner = TorchHeatmapRunner | OnnxHeatmapRunner
@@ -143,6 +161,17 @@ HeatmapRunner = TorchHeatmapRunner | OnnxHeatmapRunner
 class Member:
     runner: HeatmapRunner
     weight: float
+    #: the file as the caller named it (``<training>`` for a network in memory)
+    name: str
+
+
+@dataclass
+class _MemberOutput:
+    """What one member said of the photos ``index`` of a batch."""
+
+    index: list[int]
+    heatmaps: torch.Tensor
+    types: np.ndarray | None
 
 
 def _has_onnxruntime() -> bool:
@@ -187,29 +216,46 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Letterboxed:
-    """A batch of photos as model inputs: each photo scaled into the top-left of a square of the asked side.
+class PhotoBatch:
+    """A batch of photos as model inputs: each photo seen through a square frame (by default its letterbox:
+    the photo scaled into the top-left of the square, see ``letterbox_frame``; in the crop pass, a square
+    around the garment), warped to any input size.
 
     Built from photos (warped once per input size and kept), or from inputs already letterboxed at one size
-    (the validation batches of training, which the dataset warps with the same matrix).
+    (the validation batches of training, which the dataset warps with the same matrix), with the photos
+    themselves when a crop pass will need them.
     """
 
-    def __init__(self, sizes: Sequence[tuple[int, int]], images: Sequence[np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        images: Sequence[np.ndarray] | None = None,
+        frames: Sequence[tuple[float, float, float]] | None = None,
+    ) -> None:
         self.sizes = [tuple(int(v) for v in s) for s in sizes]
         self.images = images
+        self.frames = list(frames) if frames is not None else [letterbox_frame(h, w) for h, w in self.sizes]
         self._inputs: dict[int, np.ndarray | torch.Tensor] = {}
 
     @classmethod
-    def from_images(cls, images: Sequence[np.ndarray]) -> Letterboxed:
+    def from_images(cls, images: Sequence[np.ndarray]) -> PhotoBatch:
         images = [to_rgb8(img) for img in images]
         return cls([img.shape[:2] for img in images], images)
 
     @classmethod
-    def from_inputs(cls, inputs: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> Letterboxed:
+    def from_inputs(
+        cls, inputs: torch.Tensor, sizes: Sequence[tuple[int, int]], images: Sequence[np.ndarray] | None = None
+    ) -> PhotoBatch:
         """(N, 3, S, S) inputs already letterboxed (``letterbox_matrix``) from photos of ``sizes`` (h, w)."""
-        batch = cls(sizes)
+        batch = cls(sizes, images)
         batch._inputs[int(inputs.shape[-1])] = inputs
         return batch
+
+    def reframed(self, frames: Sequence[tuple[float, float, float]]) -> PhotoBatch:
+        """The same photos seen through other frames (left, top, side in photo pixels)."""
+        if self.images is None:
+            raise ValueError("a crop pass needs the photos, not only their letterboxed inputs")
+        return PhotoBatch(self.sizes, self.images, frames)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -219,19 +265,35 @@ class Letterboxed:
         if size not in self._inputs:
             if self.images is None:
                 raise ValueError(f"inputs were given at {list(self._inputs)} pixels only, not at {size}")
-            batch = np.stack([letterbox(img, size) for img in self.images])
+            frames = zip(self.images, self.frames, strict=True)
+            batch = np.stack([warp_image(img, frame_matrix(frame, size), size) for img, frame in frames])
             self._inputs[size] = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
         return self._inputs[size][list(index)]
 
     def to_photo(self, points: np.ndarray, input_size: int, index: Sequence[int]) -> np.ndarray:
-        """(n, K, 2) points in letterboxed-input pixels -> each photo's pixels, clipped to the photo."""
+        """(n, K, 2) points in input pixels -> each photo's pixels, clipped to the photo."""
         out = np.empty_like(points)
         for row, i in enumerate(index):
             h, w = self.sizes[i]
-            out[row] = apply_affine(points[row], invert_affine(letterbox_matrix(h, w, input_size)))
+            out[row] = apply_affine(points[row], invert_affine(frame_matrix(self.frames[i], input_size)))
             out[row, :, 0] = np.clip(out[row, :, 0], 0, w - 1)
             out[row, :, 1] = np.clip(out[row, :, 1], 0, h - 1)
         return out
+
+
+@dataclass
+class Predictions:
+    """What the predictor says of a batch of photos."""
+
+    #: (N, 24, 3) x, y, score in each photo's pixels; NaN outside its garment type.
+    points: np.ndarray
+    #: The garment type of each photo: given, or told by the models' type heads.
+    categories: list[str]
+    #: (N, 5) garment-type probabilities (``CATEGORIES`` order) of the type heads, averaged over an ensemble;
+    #: None when no model has a type head (NaN rows for photos no head saw).
+    type_probabilities: np.ndarray | None
+    #: True where the type came from the type heads, not from the caller.
+    predicted: list[bool]
 
 
 def input_size_at(input_size: int, scale: float) -> int:
@@ -267,6 +329,8 @@ class KeypointPredictor:
         backend: str = "auto",
         precision: str = "auto",
         calibration: Sequence[Path | str] = (),
+        two_pass: bool | None = None,
+        crop_margin: float | None = None,
     ) -> None:
         checkpoints = as_list(checkpoints)
         if not checkpoints:
@@ -298,9 +362,23 @@ class KeypointPredictor:
                     runner = OnnxHeatmapRunner(cached_onnx(item), onnx_threads)
                 else:
                     runner = TorchHeatmapRunner.from_checkpoint(item, self.device, channels_last, chosen == "bf16")
-            self.members.append(Member(runner, float(weight)))
+            name = Path(item).name if isinstance(item, (str, Path)) else Path(runner.path).name
+            self.members.append(Member(runner, float(weight), name))
         self.flip_test, self.scales = flip_test, tuple(scales)
         self.decoder, self.decode_sigma = decoder, decode_sigma
+        #: The crop pass's margin, None for one pass: as the models were trained unless told otherwise.
+        self.crop_margin = self._crop_margin(two_pass, crop_margin)
+
+    def _crop_margin(self, two_pass: bool | None, crop_margin: float | None) -> float | None:
+        trained = [m.runner.crop_margin for m in self.members if m.runner.crop_margin is not None]
+        if two_pass is None:
+            two_pass = bool(trained)
+        if not two_pass:
+            return None
+        margin = crop_margin if crop_margin is not None else (trained[0] if trained else DEFAULT_CROP_MARGIN)
+        if not 0 <= margin <= 2:
+            raise ConfigError("crop_margin", margin, "the crop margin is a fraction of the box's side, in [0, 2]")
+        return float(margin)
 
     def _precision_of(self, checkpoint: Path | str, precision: str) -> str:
         """``precision``, or for ``auto`` the choice ``fashionkp precision`` measured and recorded for the file."""
@@ -334,6 +412,16 @@ class KeypointPredictor:
         kinds = {m.runner.clothes for m in self.members}
         return [c for c in CATEGORY_KEYPOINTS if ALL in kinds or c in kinds]
 
+    @property
+    def identifies_types(self) -> bool:
+        """Whether a model has a type head: photos may then come without their garment type."""
+        return any(m.runner.has_type_head for m in self.members)
+
+    @property
+    def model_names(self) -> list[str]:
+        """File names of the models as given (``<training>`` for a network in memory)."""
+        return [m.name for m in self.members]
+
     def members_for(self, category: str) -> list[Member]:
         check_category(category)
         members = [m for m in self.members if m.runner.clothes in (category, ALL)]
@@ -351,30 +439,37 @@ class KeypointPredictor:
             codec = replace(codec, decoder=self.decoder)
         return codec if self.decode_sigma is None else replace(codec, decode_sigma=self.decode_sigma)
 
-    def _member_heatmaps(self, member: Member, batch: Letterboxed, index: list[int]) -> torch.Tensor:
-        """(n, K, g, g) heatmaps of one member for the photos ``index``, averaged over scales and flips, on its
-        grid at the largest scale."""
+    def _member_outputs(self, member: Member, batch: PhotoBatch, index: list[int]) -> _MemberOutput:
+        """Heatmaps (n, K, g, g) of one member for the photos ``index``, averaged over scales and flips, on its
+        grid at the largest scale; and its type probabilities (n, 5), averaged likewise (None without a head)."""
         runner = member.runner
         grid = input_size_at(runner.input_size, max(self.scales)) // runner.codec.stride
-        total = None
+        heatmap_sum, type_sum, passes = None, None, 0
         for scale in self.scales:
             inputs = batch.at(input_size_at(runner.input_size, scale), index)
-            heatmaps = runner(inputs)
+            heatmaps, types = runner(inputs)
+            passes += 1
             if self.flip_test:
-                mirrored = runner(_mirror(inputs))
+                mirrored, mirrored_types = runner(_mirror(inputs))
                 heatmaps = 0.5 * (heatmaps + flip_back(mirrored, flip_permutation(runner.clothes)))
+                types = None if types is None else 0.5 * (types + mirrored_types)
             if heatmaps.shape[-1] != grid:
                 heatmaps = F.interpolate(heatmaps, size=(grid, grid), mode="bilinear", align_corners=False)
-            total = heatmaps if total is None else total + heatmaps
-        return total / len(self.scales)
+            heatmap_sum = heatmaps if heatmap_sum is None else heatmap_sum + heatmaps
+            if types is not None:
+                type_sum = types if type_sum is None else type_sum + types
+        types = None if type_sum is None else (type_sum / passes).cpu().numpy()
+        return _MemberOutput(index, heatmap_sum / passes, types)
 
-    def predict_letterboxed(self, batch: Letterboxed, categories: Sequence[str]) -> np.ndarray:
-        """(N, 24, 3) x, y, score in original pixels; NaN outside each image's category."""
-        categories = list(categories)
+    def _one_pass(self, batch: PhotoBatch, categories: list[str], ran: dict[int, _MemberOutput]) -> np.ndarray:
+        """(N, 24, 3) points of one pass over ``batch``; ``ran`` holds the members that already ran on it and
+        gains the others."""
         by_category = {c: self.members_for(c) for c in dict.fromkeys(categories)}
         # Each member runs once on all the photos it serves (one pass per flip and scale, not per garment type).
-        served = {id(m): [i for i, c in enumerate(categories) if m in by_category[c]] for m in self.members}
-        heatmaps = {id(m): self._member_heatmaps(m, batch, served[id(m)]) for m in self.members if served[id(m)]}
+        for m in self.members:
+            served = [i for i, c in enumerate(categories) if m in by_category[c]]
+            if served and id(m) not in ran:
+                ran[id(m)] = self._member_outputs(m, batch, served)
         out = np.full((len(batch), NUM_KEYPOINTS, 3), np.nan)
         for category, members in by_category.items():
             index = [i for i, c in enumerate(categories) if c == category]
@@ -386,9 +481,9 @@ class KeypointPredictor:
             grid = input_size // codec.stride
             total = None
             for m in members:
-                rows = [served[id(m)].index(i) for i in index]
+                rows = [ran[id(m)].index.index(i) for i in index]
                 channels = [channels_for(m.runner.clothes).index(k) for k in own]
-                maps = heatmaps[id(m)][rows][:, channels]
+                maps = ran[id(m)].heatmaps[rows][:, channels]
                 if maps.shape[-1] != grid:
                     maps = F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False)
                 maps = m.weight * maps
@@ -398,9 +493,57 @@ class KeypointPredictor:
             out[np.ix_(index, own, [2])] = scores.cpu().numpy()[..., None]
         return out
 
-    def predict_batch(self, images: Sequence[np.ndarray], categories: Sequence[str]) -> np.ndarray:
+    def _type_probabilities(self, ran: dict[int, _MemberOutput], count: int) -> np.ndarray | None:
+        """(count, 5) the type heads' probabilities, weighted over the members that saw each photo."""
+        heads = [m for m in self.members if id(m) in ran and ran[id(m)].types is not None]
+        if not heads:
+            return None
+        total, weight = np.zeros((count, len(CATEGORIES))), np.zeros((count, 1))
+        for m in heads:
+            total[ran[id(m)].index] += m.weight * ran[id(m)].types
+            weight[ran[id(m)].index] += m.weight
+        with np.errstate(invalid="ignore"):
+            return total / weight
+
+    def predict_letterboxed(self, batch: PhotoBatch, categories: Sequence[str | None]) -> Predictions:
+        """Points in the photos' pixels, each photo of its garment type: given, or where it is None, the one
+        the type heads tell. With ``two_pass`` a second pass looks at a crop around the first pass's points."""
+        categories = list(categories)
+        if len(categories) != len(batch):
+            raise ValueError(f"{len(categories)} garment types for {len(batch)} photos")
+        ran: dict[int, _MemberOutput] = {}
+        unknown = [i for i, c in enumerate(categories) if c is None]
+        if unknown:
+            heads = [m for m in self.members if m.runner.has_type_head]
+            if not heads:
+                raise GarmentTypeError(
+                    "the garment type of a photo was not given, and none of the models tells types (only a "
+                    "clothes=all model trained with model.type_head=true does): give the type (clothes=...)"
+                )
+            for m in heads:  # clothes=all models: they serve every photo, so what they see now is kept
+                ran[id(m)] = self._member_outputs(m, batch, list(range(len(batch))))
+            told = self._type_probabilities(ran, len(batch))
+            for i in unknown:
+                categories[i] = CATEGORIES[int(told[i].argmax())]
+        points = self._one_pass(batch, categories, ran)
+        probabilities = self._type_probabilities(ran, len(batch))
+        if self.crop_margin is not None:
+            frames = [
+                crop_frame(points[i, list(CATEGORY_KEYPOINTS[c]), :2], self.crop_margin, *batch.sizes[i])
+                for i, c in enumerate(categories)
+            ]
+            points = self._one_pass(batch.reframed(frames), categories, {})
+        predicted = [i in unknown for i in range(len(batch))]
+        return Predictions(points, categories, probabilities, predicted)
+
+    def predict_photos(self, images: Sequence[np.ndarray], categories: Sequence[str | None]) -> Predictions:
+        """Points and garment types of RGB images (any size; grey, RGBA and 16-bit are converted); a None
+        type is told by the models' type heads."""
+        return self.predict_letterboxed(PhotoBatch.from_images(images), categories)
+
+    def predict_batch(self, images: Sequence[np.ndarray], categories: Sequence[str | None]) -> np.ndarray:
         """(N, 24, 3) x, y, score in original pixels for RGB images; NaN outside each image's category."""
-        return self.predict_letterboxed(Letterboxed.from_images(images), categories)
+        return self.predict_photos(images, categories).points
 
     def fallback_points(self, category: str) -> np.ndarray:
         """(24, 2) points for a photo that cannot be read: the mean shape of the category's training photos
@@ -411,8 +554,9 @@ class KeypointPredictor:
                 return np.nan_to_num(member.runner.mean_shape[index], nan=UNKNOWN_SHAPE_POINT)
         return np.full((NUM_KEYPOINTS, 2), UNKNOWN_SHAPE_POINT)
 
-    def predict(self, image: np.ndarray | Path | str, category: str) -> np.ndarray:
-        """(24, 3) x, y, score for one image (array in RGB, or a path); NaN outside its category."""
+    def predict(self, image: np.ndarray | Path | str, category: str | None = None) -> np.ndarray:
+        """(24, 3) x, y, score for one image (array in RGB, or a path); NaN outside its category (None: the
+        one the type heads tell)."""
         array = load_image(image) if isinstance(image, (str, Path)) else image
         return self.predict_batch([array], [category])[0]
 
@@ -431,20 +575,33 @@ class _ImageFiles(Dataset):
             return i, None, str(e)
 
 
+class FilePredictions(NamedTuple):
+    #: (N, 24, 3) points, NaN rows for images that could not be read
+    points: np.ndarray
+    #: one message per unreadable image
+    failures: list[str]
+    #: each image's (h, w), (0, 0) where unreadable
+    sizes: list[tuple[int, int]]
+    #: each image's garment type: given, or told by the type heads (None where unreadable and not given)
+    categories: list[str | None]
+    #: (N, 5) type probabilities of the type heads (NaN rows where none ran), or None without a head
+    type_probabilities: np.ndarray | None
+
+
 def run_on_files(
     predictor: KeypointPredictor,
     paths: Sequence[Path],
-    categories: Sequence[str],
+    categories: Sequence[str | None],
     batch_size: int = 8,
     num_workers: int = 2,
     progress: bool = True,
-) -> tuple[np.ndarray, list[str], list[tuple[int, int]]]:
-    """Predict every image; unreadable ones are reported and skipped, never fatal.
-
-    Returns (N, 24, 3) points (NaN rows for failed images), the failure messages and each image's (h, w).
-    """
+) -> FilePredictions:
+    """Predict every image (a None garment type is told by the models' type heads); unreadable images are
+    reported and skipped, never fatal."""
     out = np.full((len(paths), NUM_KEYPOINTS, 3), np.nan)
     sizes: list[tuple[int, int]] = [(0, 0)] * len(paths)
+    told: list[str | None] = list(categories)
+    probabilities = np.full((len(paths), len(CATEGORIES)), np.nan) if predictor.identifies_types else None
     failures: list[str] = []
     loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
@@ -455,10 +612,13 @@ def run_on_files(
                 log.warning("skipped: %s", err)
         if good:
             idx = [i for i, _ in good]
-            out[idx] = predictor.predict_batch([img for _, img in good], [categories[i] for i in idx])
-            for i, img in good:
-                sizes[i] = img.shape[:2]
-    return out, failures, sizes
+            result = predictor.predict_photos([img for _, img in good], [categories[i] for i in idx])
+            out[idx] = result.points
+            for row, (i, img) in enumerate(good):
+                sizes[i], told[i] = img.shape[:2], result.categories[row]
+            if probabilities is not None and result.type_probabilities is not None:
+                probabilities[idx] = result.type_probabilities
+    return FilePredictions(out, failures, sizes, told, probabilities)
 
 
 def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
@@ -466,9 +626,12 @@ def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
     check_inference_config(cfg)
     roots = as_list(cfg.get("calibration_root"))
     photos = calibration_photos(roots, cfg.calibration_images) if roots and cfg.precision in ("int8", "auto") else ()
-    return KeypointPredictor(
+    predictor = KeypointPredictor(
         as_list(cfg.checkpoints), weights=as_list(cfg.get("weights")) or None, device=cfg.device,
         flip_test=cfg.flip_test, scales=as_list(cfg.scales), decoder=cfg.decoder,
         channels_last=cfg.get("channels_last"), backend=cfg.get("backend", "auto"), precision=cfg.precision,
-        calibration=photos,
+        calibration=photos, two_pass=cfg.two_pass, crop_margin=cfg.crop_margin,
     )  # fmt: skip
+    if predictor.crop_margin is not None:
+        log.info("two passes: the second on a crop around the first's points, margin %.2f", predictor.crop_margin)
+    return predictor

@@ -102,17 +102,37 @@ class CPNOutput:
     global_heatmaps: list[torch.Tensor]
     #: (N, K, H/s, W/s) RefineNet heatmaps: the model's prediction.
     refine_heatmaps: torch.Tensor
+    #: (N, T) garment-type logits of the type head (``CPN(num_types=T)``); None without one.
+    type_logits: torch.Tensor | None = None
+
+
+class TypeHead(nn.Module):
+    """Garment type from the deepest features: global average pooling and one linear layer. The five
+    FashionAI types look different as wholes, so the pooled C5 features suffice."""
+
+    def __init__(self, channels: int, num_types: int) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(channels, num_types)
+
+    def forward(self, deepest: torch.Tensor) -> torch.Tensor:
+        return self.classifier(deepest.float().mean(dim=(2, 3)))
 
 
 class CPN(nn.Module):
     def __init__(
-        self, backbone: Backbone, num_keypoints: int, width: int = 256, refine_upsample: str = "bilinear"
+        self,
+        backbone: Backbone,
+        num_keypoints: int,
+        width: int = 256,
+        refine_upsample: str = "bilinear",
+        num_types: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_keypoints = num_keypoints
         self.global_net = GlobalNet(backbone.channels, width, num_keypoints)
         self.refine_net = RefineNet(len(backbone.channels), width, num_keypoints, refine_upsample)
+        self.type_head = TypeHead(backbone.channels[-1], num_types) if num_types else None
 
     @property
     def stride(self) -> int:
@@ -121,23 +141,30 @@ class CPN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> CPNOutput:
         """``images``: (N, 3, H, W) RGB 0..255 floats, H and W multiples of 32."""
-        pyramid, global_heatmaps = self.global_net(self.backbone(images))
-        return CPNOutput(global_heatmaps, self.refine_net(pyramid))
+        feats = self.backbone(images)
+        pyramid, global_heatmaps = self.global_net(feats)
+        type_logits = None if self.type_head is None else self.type_head(feats[-1])
+        return CPNOutput(global_heatmaps, self.refine_net(pyramid), type_logits)
 
 
 class HeatmapModel(nn.Module):
-    """Plain ``images -> refine heatmaps`` view of a CPN, for inference, tracing and ONNX export."""
+    """Plain view of a CPN for inference, tracing and ONNX export: ``images -> refine heatmaps``, or
+    ``images -> (refine heatmaps, garment-type probabilities)`` when the CPN has a type head."""
 
     def __init__(self, cpn: CPN) -> None:
         super().__init__()
         self.cpn = cpn
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pyramid, _ = self.cpn.global_net(self.cpn.backbone(images))
-        return self.cpn.refine_net(pyramid)
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        feats = self.cpn.backbone(images)
+        pyramid, _ = self.cpn.global_net(feats)
+        heatmaps = self.cpn.refine_net(pyramid)
+        if self.cpn.type_head is None:
+            return heatmaps
+        return heatmaps, self.cpn.type_head(feats[-1]).softmax(dim=1)
 
 
-def build_cpn(backbone: dict, num_keypoints: int, width: int, refine_upsample: str) -> CPN:
-    """A CPN from its config values (``backbone``: name, pretrained, weights)."""
+def build_cpn(backbone: dict, num_keypoints: int, width: int, refine_upsample: str, num_types: int = 0) -> CPN:
+    """A CPN from its config values (``backbone``: name, pretrained, weights); ``num_types`` > 0 adds a type head."""
     body = build_backbone(backbone["name"], backbone.get("pretrained", False), backbone.get("weights"))
-    return CPN(body, num_keypoints=num_keypoints, width=width, refine_upsample=refine_upsample)
+    return CPN(body, num_keypoints, width, refine_upsample, num_types)

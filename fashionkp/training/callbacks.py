@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import Timer
 
 from fashionkp.data.keypoints import CATEGORIES, KEYPOINT_NAMES
+from fashionkp.training.schedules import end_cosines_at
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,6 +35,92 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+class FitEpochsToTime(pl.Callback):
+    """Fit the run to its time budget (``trainer.max_time``): after ``probe_steps`` timed steps, cut the number
+    of epochs to what fits (``reserve`` of the time left kept for validations), end the LR schedule there and
+    validate the last epoch; at each later epoch start, cut again if whole epochs (validation included) turn
+    out slower. Without it a slower machine stops a run mid-schedule, its learning rate still high. Inactive
+    without ``max_time``. A cut is saved in the checkpoints, so a resumed run keeps it; every process of a
+    distributed run takes the first's decision."""
+
+    def __init__(self, probe_steps: int, reserve: float) -> None:
+        self.probe_steps, self.reserve = probe_steps, reserve
+        #: the epochs of a run the budget shortened (None: as many as asked)
+        self.epochs: int | None = None
+        self._first_step: tuple[int, float] | None = None
+        self._first_epoch: tuple[int, float] | None = None
+
+    @staticmethod
+    def _timer(trainer: pl.Trainer) -> Timer | None:
+        return next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration), None)
+
+    @staticmethod
+    def _steps_per_epoch(trainer: pl.Trainer) -> int:
+        return math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+
+    def _asked(self, trainer: pl.Trainer) -> int | float:
+        # max_epochs=-1 (or None): as many as max_time allows
+        return trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+
+    def _apply(self, trainer: pl.Trainer) -> None:
+        trainer.fit_loop.max_epochs = self.epochs
+        for config in trainer.lr_scheduler_configs:
+            end_cosines_at(config.scheduler, self.epochs * self._steps_per_epoch(trainer))
+        if trainer.current_epoch == self.epochs - 1:
+            trainer.check_val_every_n_epoch = 1  # the last epoch is validated: it is the one to keep
+
+    def _fit(self, trainer: pl.Trainer, fit: int) -> None:
+        """Cut the run to ``fit`` epochs (the first process's figure) if fewer than planned, never below the
+        current one."""
+        fit = max(trainer.current_epoch + 1, int(trainer.strategy.broadcast(fit)))
+        if fit < (self.epochs or self._asked(trainer)):
+            self.epochs = fit
+            log.info("time budget: %d epochs fit in trainer.max_time; the LR schedule ends with them", fit)
+            self._apply(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.epochs is not None and self._timer(trainer) is not None:  # resumed: the cut made before
+            self._apply(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        timer, now = self._timer(trainer), time.monotonic()
+        if timer is None:
+            return
+        if self._first_epoch is None:
+            self._first_epoch = (trainer.current_epoch, now)
+        elif trainer.current_epoch > self._first_epoch[0]:
+            # whole epochs so far, validations and checkpoints included
+            per_epoch = (now - self._first_epoch[1]) / (trainer.current_epoch - self._first_epoch[0])
+            left = timer.time_remaining("train") * (1 - self.reserve)
+            self._fit(trainer, trainer.current_epoch + int(left / per_epoch))
+        if self.epochs is not None and trainer.current_epoch == self.epochs - 1:
+            trainer.check_val_every_n_epoch = 1
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        timer = self._timer(trainer)
+        if timer is None or self.epochs is not None or (self._first_step and self._first_step[0] < 0):
+            return
+        # timed from the second step on: the first carries the loaders' start and the first-call allocations
+        if self._first_step is None:
+            self._first_step = (trainer.global_step, time.monotonic())
+            return
+        steps = trainer.global_step - self._first_step[0]
+        if steps >= self.probe_steps:
+            per_step = (time.monotonic() - self._first_step[1]) / steps
+            log.info("time budget: %.2f s per step", per_step)
+            fit = trainer.global_step + timer.time_remaining("train") * (1 - self.reserve) / per_step
+            self._first_step = (-1, self._first_step[1])  # probed: the epoch starts take over
+            self._fit(trainer, int(fit // self._steps_per_epoch(trainer)))
+
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs = state["epochs"]
 
 
 class NEReport(pl.Callback):
@@ -50,7 +143,19 @@ class NEReport(pl.Callback):
         per_category, per_keypoint = breakdown["per_category"], breakdown["per_keypoint"]
         _append(self.out_dir / "val_ne.csv", {**row, **{c: per_category.get(c, "") for c in CATEGORIES}})
         _append(self.out_dir / "val_ne_keypoints.csv", {**row, **{k: per_keypoint.get(k, "") for k in KEYPOINT_NAMES}})
-        (self.out_dir / "val_ne_last.json").write_text(json.dumps({**breakdown, **row}, indent=2))
+        types = getattr(module, "last_val_types", None)
+        extra = {"garment_types": types} if types else {}
+        (self.out_dir / "val_ne_last.json").write_text(json.dumps({**breakdown, **row, **extra}, indent=2))
+        if types:
+            log_confusion(trainer, types)
+
+
+def log_confusion(trainer: pl.Trainer, types: dict) -> None:
+    """The type head's confusion matrix as a wandb table (rows: the true type), when wandb logs the run."""
+    for logger in trainer.loggers:
+        if isinstance(logger, pl.loggers.WandbLogger):
+            rows = [[t, *types["confusion"][t].values()] for t in CATEGORIES]
+            logger.log_table("val/type_confusion", columns=["true type", *CATEGORIES], data=rows)
 
 
 def _append(path: Path, row: dict) -> None:

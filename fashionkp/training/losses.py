@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fashionkp.models.cpn import CPNOutput
 
@@ -48,13 +49,25 @@ class CPNLoss:
     #: Supervise every GlobalNet level (the CPN paper) or only the finest (the reference CPN system).
     global_all_levels: bool
     global_weight: float
+    #: Weight of the garment-type cross-entropy, for models with a type head.
+    type_weight: float
 
     def __call__(
-        self, output: CPNOutput, target: torch.Tensor, weight: torch.Tensor, target_global: torch.Tensor | None = None
+        self,
+        output: CPNOutput,
+        target: torch.Tensor,
+        weight: torch.Tensor,
+        target_global: torch.Tensor | None = None,
+        categories: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``categories``: (N,) garment-type ids, the type head's targets."""
         target_global = target if target_global is None else target_global
         levels = output.global_heatmaps if self.global_all_levels else output.global_heatmaps[:1]
         global_loss = sum(masked_mean(per_keypoint_l2(h, target_global, self.pos_weight), weight) for h in levels)
         global_loss = global_loss / len(levels)
         refine_loss = ohkm(per_keypoint_l2(output.refine_heatmaps, target, self.pos_weight), weight, self.ohkm_ratio)
-        return {"loss": self.global_weight * global_loss + refine_loss, "global": global_loss, "refine": refine_loss}
+        losses = {"loss": self.global_weight * global_loss + refine_loss, "global": global_loss, "refine": refine_loss}
+        if output.type_logits is not None and categories is not None:
+            losses["type"] = F.cross_entropy(output.type_logits.float(), categories)
+            losses["loss"] = losses["loss"] + self.type_weight * losses["type"]
+        return losses

@@ -10,13 +10,14 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from fashionkp.data.fashionai import as_submitted
-from fashionkp.data.keypoints import CATEGORIES, check_category
+from fashionkp.data.keypoints import ALL, CATEGORIES, check_category
 from fashionkp.errors import UserError
-from fashionkp.evaluation.metric import NormalizedError
-from fashionkp.inference.checkpoint import TrainedModel, build_model
-from fashionkp.inference.predictor import KeypointPredictor, Letterboxed, TorchHeatmapRunner
+from fashionkp.evaluation.metric import NormalizedError, garment_type_report
+from fashionkp.inference.checkpoint import CheckpointError, TrainedModel, build_model
+from fashionkp.inference.predictor import KeypointPredictor, PhotoBatch, TorchHeatmapRunner
 from fashionkp.models import CPNOutput
 
 
@@ -34,11 +35,11 @@ class _ValidationRunner(TorchHeatmapRunner):
 
     first_output: CPNOutput | None = None
 
-    def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
+    def network(self, x: torch.Tensor) -> CPNOutput:
         output = self.model(x)
         if self.first_output is None:
             self.first_output = output
-        return output.refine_heatmaps
+        return output
 
 
 class CPNModule(pl.LightningModule):
@@ -56,12 +57,16 @@ class CPNModule(pl.LightningModule):
         scheduler_interval: str,
         flip_test: bool,
         channels_last: bool,
+        type_head: bool,
+        two_pass: bool,
+        crop_margin: float,
     ) -> None:
         super().__init__()
         hparams = dict(
             clothes=check_category(clothes, allow_all=True), backbone=backbone, input_size=input_size, width=width,
             refine_upsample=refine_upsample, codec=codec, loss=loss, optimizer=optimizer, scheduler=scheduler,
             scheduler_interval=scheduler_interval, flip_test=flip_test, channels_last=channels_last,
+            type_head=type_head, two_pass=two_pass, crop_margin=crop_margin,
         )  # fmt: skip
         self.save_hyperparameters({k: _plain(v) for k, v in hparams.items()})
         self.model, self.codec = build_model(self.hparams)
@@ -69,6 +74,8 @@ class CPNModule(pl.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = instantiate(self.hparams.loss)
         self.val_ne = NormalizedError()
+        self.val_types = MulticlassConfusionMatrix(len(CATEGORIES)) if self.model.type_head is not None else None
+        self.last_val_types: dict[str, Any] | None = None
 
     def forward(self, images: torch.Tensor) -> CPNOutput:
         images = images.float()
@@ -79,13 +86,15 @@ class CPNModule(pl.LightningModule):
     def predictor(self) -> tuple[KeypointPredictor, _ValidationRunner]:
         """The deployed predictor over the network in training (flip test as configured, the codec's decoder)."""
         hp = self.hparams
-        trained = TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>")
+        crop_margin = hp.crop_margin if hp.two_pass else None
+        trained = TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>", crop_margin)
         runner = _ValidationRunner(trained, channels_last=hp.channels_last)
         return KeypointPredictor([runner], flip_test=hp.flip_test), runner
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.loss(self(batch["image"]), batch["target"], batch["weight"], batch.get("target_global"))
+        output = self(batch["image"])
+        losses = self.loss(output, batch["target"], batch["weight"], batch.get("target_global"), batch["category"])
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"training loss is {losses['loss'].item()} at step {self.global_step} (epoch {self.current_epoch}): "
@@ -95,13 +104,22 @@ class CPNModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=len(batch["image"]))
         return losses["loss"]
 
+    def on_validation_epoch_start(self) -> None:
+        self._validation = self.predictor()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         categories = [CATEGORIES[int(c)] for c in batch["category"]]
-        letterboxed = Letterboxed.from_inputs(batch["image"], batch["size"].tolist())
-        predictor, runner = self.predictor()
-        points = predictor.predict_letterboxed(letterboxed, categories)
-        self.val_ne.update(as_submitted(points[:, :, :2]), batch["keypoints"], categories)
-        losses = self.loss(runner.first_output, batch["target"], batch["weight"], batch.get("target_global"))
+        photos = PhotoBatch.from_inputs(batch["image"], batch["size"].tolist(), batch.get("photo"))
+        predictor, runner = self._validation
+        runner.first_output = None  # this batch's
+        predictions = predictor.predict_letterboxed(photos, categories)
+        self.val_ne.update(as_submitted(predictions.points[:, :, :2]), batch["keypoints"], categories)
+        if self.val_types is not None:
+            told = torch.from_numpy(predictions.type_probabilities.argmax(axis=1)).to(self.device)
+            self.val_types.update(told, batch["category"])
+        losses = self.loss(
+            runner.first_output, batch["target"], batch["weight"], batch.get("target_global"), batch["category"]
+        )
         self.log("val/loss", losses["loss"], batch_size=len(batch["image"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -113,6 +131,19 @@ class CPNModule(pl.LightningModule):
         for category, value in result.per_category.items():
             self.log(f"val/ne_{category}", 100 * value)
         self.val_ne.reset()
+        if self.val_types is not None:
+            # rows: the true type, columns: the type told (CATEGORIES order), summed over every process
+            self.last_val_types = garment_type_report(self.val_types.compute().cpu().numpy())
+            self.log("val/type_accuracy", self.last_val_types["accuracy"])
+            self.val_types.reset()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trained_with_head = bool(checkpoint.get("hyper_parameters", {}).get("type_head"))
+        if trained_with_head != (self.model.type_head is not None) and self.hparams.clothes == ALL:
+            raise CheckpointError(
+                f"the checkpoint was trained {'with' if trained_with_head else 'without'} a garment-type head: "
+                f"resume it with model.type_head={str(trained_with_head).lower()}"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         bad = [name for name, p in self.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]

@@ -174,9 +174,12 @@ def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -
         trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         best_result = module.last_val_result
         result["best_val_ne"] = 100 * best_result.ne
+        if module.last_val_types:
+            result["best_type_accuracy"] = module.last_val_types["accuracy"]
         if trainer.is_global_zero:
+            types = {"garment_types": module.last_val_types} if module.last_val_types else {}
             (output_dir / "val_ne_best.json").write_text(
-                json.dumps({"checkpoint": best, **best_result.as_dict()}, indent=2)
+                json.dumps({"checkpoint": best, **best_result.as_dict(), **types}, indent=2)
             )
     if trainer.is_global_zero:
         log.info("validation NE %.4f%% (best checkpoint: %s)", result.get("best_val_ne", result["val_ne"]), best or "-")
