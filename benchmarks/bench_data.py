@@ -13,27 +13,21 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 
+from fashionkp.config import CONFIG_DIR  # noqa: E402
 from fashionkp.data.codec import HeatmapCodec  # noqa: E402
 from fashionkp.data.dataset import KeypointDataset  # noqa: E402
 from fashionkp.data.fashionai import read_splits  # noqa: E402
 from fashionkp.data.transforms import Augmentation  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashionai" / "train"
-#: conf/augmentation/default.yaml: the training augmentation.
-AUGMENTATION = Augmentation(
-    rotation=30.0,
-    scale=(0.75, 1.25),
-    translate=0.05,
-    flip=0.5,
-    color=True,
-    crop=0.0,
-    crop_margin=(0.05, 0.3),
-    crop_jitter=0.05,
-)
+#: The training augmentation: conf/augmentation/default.yaml, as training builds it.
+AUGMENTATION: Augmentation = instantiate(OmegaConf.load(Path(CONFIG_DIR) / "augmentation" / "default.yaml"))
 
 
 def codec(size: int) -> HeatmapCodec:
