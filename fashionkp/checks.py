@@ -18,6 +18,7 @@ from fashionkp.config import as_list
 from fashionkp.data.codec import DECODERS
 from fashionkp.data.fashionai import MISSING_IMAGE_MODES
 from fashionkp.data.keypoints import CATEGORIES
+from fashionkp.data.transforms import check_crop_margin
 from fashionkp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,7 @@ def check_two_passes(cfg: DictConfig) -> None:
         if augmentation.crop_jitter < 0:
             raise ConfigError("augmentation.crop_jitter", augmentation.crop_jitter, "must not be negative")
     if cfg.model.get("two_pass"):
-        if not 0 <= cfg.model.crop_margin <= 2:
-            raise ConfigError("model.crop_margin", cfg.model.crop_margin, "a fraction of the box's side, in [0, 2]")
+        check_crop_margin("model.crop_margin", cfg.model.crop_margin)
         if not cfg.data.get("keep_val_photos"):
             raise ConfigError(
                 "data.keep_val_photos", False, "model.two_pass validates on crops of the photos themselves"

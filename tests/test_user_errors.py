@@ -46,7 +46,10 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
             "augmentation.crop_margin=[0.3,0.1]",
             "augmentation.crop_margin=[0.3, 0.1]: a range [low, high] with 0 <= low <= high",
         ),
-        ("model.two_pass=true model.crop_margin=5", "model.crop_margin=5: a fraction of the box's side, in [0, 2]"),
+        (
+            "model.two_pass=true model.crop_margin=5",
+            "model.crop_margin=5: the crop margin is a fraction of the box's side, in [0, 2]",
+        ),
     ],
 )
 def test_training_config_mistakes_get_one_line(override, line, synth_data, tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from fashionkp.data.keypoints import flip_permutation
+from fashionkp.errors import ConfigError
 
 #: Grey fill of letterbox padding and of pixels rotated in from outside the image.
 FILL_VALUE = (124, 116, 104)
@@ -44,6 +45,13 @@ def letterbox_matrix(height: int, width: int, size: int) -> np.ndarray:
     so heatmaps of models with different input sizes (ensembles, multi-scale test) align exactly.
     """
     return frame_matrix(letterbox_frame(height, width), size)
+
+
+def check_crop_margin(key: str, margin: float) -> float:
+    """``margin`` as a crop pass takes it (a fraction of the box's side on each side); ConfigError naming ``key``."""
+    if not 0 <= margin <= 2:
+        raise ConfigError(key, margin, "the crop margin is a fraction of the box's side, in [0, 2]")
+    return float(margin)
 
 
 def crop_frame(points: np.ndarray, margin: float, height: int, width: int) -> tuple[float, float, float]:

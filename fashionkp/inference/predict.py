@@ -109,9 +109,10 @@ def predict_photos(cfg: DictConfig, predictor: KeypointPredictor) -> tuple[dict,
     columns = [f"{KEYPOINT_NAMES[k]}_{a}" for k in used for a in ("x", "y", "score")]
     lines = [",".join(["image", "category", *columns])]
     for row in rows:
-        points_of = row["keypoints"]
-        values = [f"{v:.2f}" if KEYPOINT_NAMES[k] in points_of else "" for k in used
-                  for v in points_of.get(KEYPOINT_NAMES[k], [0.0, 0.0, 0.0])]  # fmt: skip
+        values = []
+        for k in used:
+            point = row["keypoints"].get(KEYPOINT_NAMES[k])
+            values += [f"{v:.2f}" for v in point] if point else ["", "", ""]
         lines.append(f"{row['image']},{row['category']}," + ",".join(values))
     (out_dir / "points.csv").write_text("\n".join(lines) + "\n")
     summary = {"points": str(out_dir / "points.csv"), "images": len(rows), "failed": len(failures),

@@ -41,6 +41,7 @@ from fashionkp.data.keypoints import (
 )
 from fashionkp.data.transforms import (
     apply_affine,
+    check_crop_margin,
     crop_frame,
     frame_matrix,
     invert_affine,
@@ -376,9 +377,7 @@ class KeypointPredictor:
         if not two_pass:
             return None
         margin = crop_margin if crop_margin is not None else (trained[0] if trained else DEFAULT_CROP_MARGIN)
-        if not 0 <= margin <= 2:
-            raise ConfigError("crop_margin", margin, "the crop margin is a fraction of the box's side, in [0, 2]")
-        return float(margin)
+        return check_crop_margin("crop_margin", margin)
 
     def _precision_of(self, checkpoint: Path | str, precision: str) -> str:
         """``precision``, or for ``auto`` the choice ``fashionkp precision`` measured and recorded for the file."""
@@ -526,7 +525,8 @@ class KeypointPredictor:
             for i in unknown:
                 categories[i] = CATEGORIES[int(told[i].argmax())]
         points = self._one_pass(batch, categories, ran)
-        probabilities = self._type_probabilities(ran, len(batch))
+        # with types to tell, every head already saw every photo: the pass added no type probabilities
+        probabilities = told if unknown else self._type_probabilities(ran, len(batch))
         if self.crop_margin is not None:
             frames = [
                 crop_frame(points[i, list(CATEGORY_KEYPOINTS[c]), :2], self.crop_margin, *batch.sizes[i])

@@ -50,6 +50,8 @@ class FitEpochsToTime(pl.Callback):
         #: the epochs of a run the budget shortened (None: as many as asked)
         self.epochs: int | None = None
         self._first_step: tuple[int, float] | None = None
+        #: the step probe has run: from then on the epoch starts check the budget
+        self._probed = False
         self._first_epoch: tuple[int, float] | None = None
 
     @staticmethod
@@ -102,7 +104,7 @@ class FitEpochsToTime(pl.Callback):
         self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         timer = self._timer(trainer)
-        if timer is None or self.epochs is not None or (self._first_step and self._first_step[0] < 0):
+        if timer is None or self.epochs is not None or self._probed:
             return
         # timed from the second step on: the first carries the loaders' start and the first-call allocations
         if self._first_step is None:
@@ -113,7 +115,7 @@ class FitEpochsToTime(pl.Callback):
             per_step = (time.monotonic() - self._first_step[1]) / steps
             log.info("time budget: %.2f s per step", per_step)
             fit = trainer.global_step + timer.time_remaining("train") * (1 - self.reserve) / per_step
-            self._first_step = (-1, self._first_step[1])  # probed: the epoch starts take over
+            self._probed = True
             self._fit(trainer, int(fit // self._steps_per_epoch(trainer)))
 
     def state_dict(self) -> dict:
