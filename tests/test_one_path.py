@@ -231,24 +231,27 @@ class CoordinateOracle:
         return torch.from_numpy(np.stack(maps)), types
 
 
-@pytest.mark.parametrize("scales", [(1.0,), (1.0, 1.5)])
-def test_two_passes_recover_a_perfect_models_points_exactly(scales):
+@pytest.mark.parametrize(("scales", "crop_scales"), [((1.0,), None), ((1.0, 1.5), None), ((1.0,), (1.5,))])
+def test_two_passes_recover_a_perfect_models_points_exactly(scales, crop_scales):
     """The crop pass sees the photo through another frame: a wrong crop matrix or a wrong inverse moves the
     points by whole pixels. A perfect model's points must come back through both passes, flip test and
-    scales included, and the second pass must look at a zoomed crop around them."""
+    scales included, and the second pass must look at a zoomed crop around them (at its own scales when given)."""
     h, w, clothes = 240, 200, "trousers"
     rng = np.random.default_rng(1)
     photo = np.full((NUM_KEYPOINTS, 2), np.nan)
     own = list(CATEGORY_KEYPOINTS[clothes])
     photo[own] = np.c_[rng.uniform(70, 130, len(own)), rng.uniform(60, 160, len(own))]
     oracle = CoordinateOracle(photo, 96)
-    predictor = KeypointPredictor([oracle], flip_test=True, scales=scales, two_pass=True, crop_margin=0.2)
+    predictor = KeypointPredictor(
+        [oracle], flip_test=True, scales=scales, two_pass=True, crop_margin=0.2, crop_scales=crop_scales
+    )
     points = predictor.predict(CoordinateOracle.photo(h, w), clothes)
     assert np.abs(points[own, :2] - photo[own]).max() < 0.1
     # pass 1 saw the letterbox (a 240-px frame), pass 2 a crop of the points' box grown by 0.2 on each side
     sizes = [int(round(96 * s / 32)) * 32 for s in scales]
+    crop_sizes = [int(round(96 * s / 32)) * 32 for s in crop_scales or scales]
     crop_side = 1.4 * np.ptp(photo[own], axis=0).max()
-    expected = [size / 240 for size in sizes] + [size / crop_side for size in sizes]
+    expected = [size / 240 for size in sizes] + [size / crop_side for size in crop_sizes]
     seen = [1 / np.hypot(*m[:, 0]) for m in oracle.frames]  # input pixels per photo pixel
     # (within 1%: the crop is placed from pass 1's points, a tenth of a pixel off the true ones)
     assert all(min(abs(z / e - 1) for e in expected) < 0.01 for z in seen)

@@ -50,6 +50,19 @@ def test_bf16_on_a_cpu_without_it_falls_back_to_fp32(tiny_checkpoints, monkeypat
     assert "so fp32 instead" in caplog.text
 
 
+def test_bf16_training_on_a_cpu_without_it_falls_back_to_32_true(monkeypatch, caplog):
+    from fashionkp.inference.precision import training_precision
+
+    monkeypatch.setattr(precision_module.torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert training_precision("bf16-mixed", "cpu", NO_BF16_NO_VNNI) == "32-true"
+        assert training_precision("bf16-mixed", "auto", NO_BF16_NO_VNNI) == "32-true"
+    assert "trainer.precision=bf16-mixed: this CPU (AVX2, bf16 no, VNNI no) has no AVX-512 BF16" in caplog.text
+    assert training_precision("bf16-mixed", "cpu", FULL) == "bf16-mixed"
+    assert training_precision("bf16-mixed", "gpu", NO_BF16_NO_VNNI) == "bf16-mixed"  # the GPU's business
+    assert training_precision("32-true", "cpu", NO_BF16_NO_VNNI) == "32-true"
+
+
 def test_bf16_inference_stays_close_to_fp32(tiny_checkpoints, synth_data, monkeypatch):
     monkeypatch.setattr(precision_module, "cpu_features", lambda: FULL)  # autocast bf16 runs on any CPU
     records = read_csv(synth_data["answers"])[:6]
@@ -63,6 +76,24 @@ def test_bf16_inference_stays_close_to_fp32(tiny_checkpoints, synth_data, monkey
     moved = np.hypot(*(a[..., :2] - b[..., :2]).reshape(-1, 2).T)
     scale = max(load_image(records[0].image_path).shape[:2]) / 64
     assert np.nanmedian(moved) < 2 * scale
+
+
+def test_an_fp32_runner_stays_fp32_inside_training_bf16_autocast(tiny_checkpoints, synth_data):
+    """Validation under trainer.precision=bf16-mixed runs inside Lightning's autocast; the deployed predictor
+    it scores is fp32, so an fp32 runner must switch that autocast off (else val/ne != evaluate.py's NE)."""
+    import torch
+
+    from fashionkp.inference.predictor import PhotoBatch, TorchHeatmapRunner
+
+    records = read_csv(synth_data["answers"])[:4]
+    inputs = PhotoBatch.from_images([load_image(r.image_path) for r in records]).at(64, range(4))
+    runner = TorchHeatmapRunner.from_checkpoint(tiny_checkpoints["a"], torch.device("cpu"))
+    plain, _ = runner(inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, _ = runner(inputs)
+        bf16, _ = TorchHeatmapRunner.from_checkpoint(tiny_checkpoints["a"], torch.device("cpu"), bf16=True)(inputs)
+    assert torch.equal(inside, plain)
+    assert not torch.equal(bf16, plain)  # the autocast around it is a real bf16 one
 
 
 def test_int8_export_is_calibrated_qdq_with_per_channel_weights(tiny_checkpoints, synth_data, tmp_path):
@@ -79,6 +110,21 @@ def test_int8_export_is_calibrated_qdq_with_per_channel_weights(tiny_checkpoints
     assert weight_scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales)
     info = json.loads({p.key: p.value for p in model.metadata_props}["fashionkp"])
     assert info["precision"] == "int8" and info["calibration_photos"] == 12
+    # The padding amounts of TF-style "same" padding are computed from shapes: quantized, they round to the wrong
+    # whole pixels (the recipe's model lost 2.1 NE points), so no Q/DQ may sit on that arithmetic.
+    producer = {out: n for n in model.graph.node for out in n.output}
+    pads = [n for n in model.graph.node if n.op_type == "Pad"]
+    assert pads, "the backbone has TF-style padding"
+    pending, seen = [name for n in pads for name in n.input[1:]], set()
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        assert node.op_type != "QuantizeLinear", f"{node.name} quantizes padding arithmetic"
+        if node.op_type != "Shape":
+            pending.extend(node.input)
+    assert len(seen) > 10
     records = read_csv(synth_data["answers"])
     images, cats = [load_image(r.image_path) for r in records], [r.category for r in records]
     int8 = KeypointPredictor([out], device="cpu")

@@ -105,6 +105,7 @@ def _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra) -> list[str]:
         (["weights=[1,2]"], "weights=[1, 2]: 2 ensemble weights for 1 checkpoints"),
         (["checkpoints=/no/such.ckpt"], "checkpoints='/no/such.ckpt': no such checkpoint file"),
         (["scales=[0]"], "scales=[0]: must be a list of positive factors (e.g. [1.0] or [1.0,1.25])"),
+        (["crop_scales=[-1]"], "crop_scales=[-1]: must be a list of positive factors (e.g. [1.0] or [1.0,1.25])"),
         (
             ["two_pass=true", "crop_margin=-1"],
             "crop_margin=-1: the crop margin is a fraction of the box's side, in [0, 2]",

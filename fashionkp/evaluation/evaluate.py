@@ -67,7 +67,8 @@ def write_outputs(cfg: DictConfig, out_dir: Path, records: list[Record], pred: n
     cats = [r.category for r in records]
     payload = {"checkpoints": as_list(cfg.checkpoints), "split": cfg.split, "root": as_list(cfg.data.root),
                "images": len(records), "failed": failures, "flip_test": cfg.flip_test, "decoders": decoders,
-               "scales": as_list(cfg.scales), "rounded": bool(cfg.round), "given_types": bool(cfg.given_types),
+               "scales": as_list(cfg.scales), "crop_scales": as_list(cfg.crop_scales) or None,
+               "rounded": bool(cfg.round), "given_types": bool(cfg.given_types),
                **result.as_dict(), **({"garment_types": types} if types else {})}  # fmt: skip
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     plot_bars(result.per_keypoint, out_dir / "ne_per_keypoint.png", f"NE per keypoint (overall {100 * result.ne:.2f}%)")

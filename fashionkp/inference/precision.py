@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fashionkp.data.fashionai import read_splits
 from fashionkp.data.images import load_image
@@ -27,6 +28,8 @@ PRECISIONS = ("fp32", "bf16", "int8")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 #: The NE cost (points) a faster precision may have against fp32 to be chosen by ``precision=auto``.
 NE_TOLERANCE = 0.1
+#: The int8 recipe (which nodes stay fp32): cached int8 files of another recipe are made again.
+INT8_RECIPE = 3
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,45 @@ def usable(precision: str, device_type: str, features: CpuFeatures | None = None
     return precision
 
 
+def training_precision(precision: str, accelerator: str, features: CpuFeatures | None = None) -> str:
+    """Lightning's ``trainer.precision`` for a run on ``accelerator``: bf16 on a CPU without AVX-512 BF16 or AMX
+    (where autocast only emulates it, slower than fp32) becomes 32-true, with a log line that says why."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if not (on_cpu and str(precision).startswith("bf16")):
+        return precision
+    features = features or cpu_features()
+    if features.bf16:
+        return precision
+    log.warning("trainer.precision=%s: this CPU (%s) has no AVX-512 BF16 or AMX, so 32-true instead",
+                precision, features.describe())  # fmt: skip
+    return "32-true"
+
+
 def letterboxed(path: Path | str, size: int) -> np.ndarray:
     """(1, 3, size, size) float32 network input of a photo, as the predictor makes it."""
     return letterbox(load_image(path), size).transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def fp32_nodes(graph) -> list[str]:
+    """The nodes int8 leaves in fp32.
+
+    The arithmetic that computes padding amounts from shapes (TF-style "same" padding of the EfficientNet
+    backbones): quantized, its amounts round to the wrong whole pixels and shift feature maps. On the recipe's
+    model that moved the median point by 3.4 input pixels, 0.2 with it in fp32 (benchmarks/bench_int8_layers.py).
+    The garment-type head: one small layer, no time to win, and its answer picks the points.
+    """
+    producer = {out: node for node in graph.node for out in node.output}
+    shape_math: set[str] = set()
+    pending = [name for node in graph.node if node.op_type == "Pad" for name in node.input[1:]]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.name in shape_math:
+            continue
+        shape_math.add(node.name)
+        if node.op_type != "Shape":  # a Shape reads the feature map only for its size: stop there
+            pending.extend(node.input)
+    head = {n.name for n in graph.node if "type_head" in n.name or n.op_type == "Softmax"}
+    return sorted(shape_math | head)
 
 
 def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path | str]) -> Path:
@@ -111,11 +150,10 @@ def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
-        # the garment-type head stays fp32: one small layer, no time to win, and its answer picks the points
-        head = [n.name for n in onnx.load(str(prepared)).graph.node if "type_head" in n.name or n.op_type == "Softmax"]
         quantize_static(
             str(prepared), str(tmp), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=fp32_nodes(onnx.load(str(prepared)).graph),
         )  # fmt: skip
         model = onnx.load(str(tmp))
         info.update(precision="int8", calibration_photos=len(photos))

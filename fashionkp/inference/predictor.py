@@ -9,7 +9,6 @@ one prediction path: ``predict.py``, ``evaluate.py`` and the validation during t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -58,6 +57,7 @@ from fashionkp.inference.checkpoint import (
 )
 from fashionkp.inference.export import EXPORT_FORMAT, export_onnx
 from fashionkp.inference.precision import (
+    INT8_RECIPE,
     PRECISION_CHOICES,
     calibration_photos,
     quantize_int8,
@@ -115,8 +115,9 @@ class TorchHeatmapRunner:
         x = torch.as_tensor(images).to(device).float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        # Without bf16 an enclosing autocast stays in force (validation under trainer.precision=bf16-mixed).
-        with torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
+        # fp32 unless told bf16, even inside the autocast of training's bf16-mixed: the val/ne that selects
+        # checkpoints is then the deployed fp32 predictor's, the NE evaluate.py gives.
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             output = self.network(x)
         # fp32 from here on: under bf16 autocast the flip average would otherwise round in bf16 too
         types = None if output.type_logits is None else output.type_logits.float().softmax(dim=1)
@@ -203,7 +204,7 @@ def cached_onnx(
     if not int8_calibration:
         return target
     photos = sorted(str(p) for p in int8_calibration)
-    calibration_key = hashlib.sha1("\n".join(photos).encode()).hexdigest()[:12]
+    calibration_key = hashlib.sha1("\n".join([*photos, f"recipe {INT8_RECIPE}"]).encode()).hexdigest()[:12]
     quantized = cache_dir / f"{checkpoint.stem}-{key}-int8-{calibration_key}.onnx"
     if not quantized.is_file():
         log.info("int8: calibrating %s on %d photos", checkpoint.name, len(photos))
@@ -332,6 +333,7 @@ class KeypointPredictor:
         calibration: Sequence[Path | str] = (),
         two_pass: bool | None = None,
         crop_margin: float | None = None,
+        crop_scales: Sequence[float] | None = None,
     ) -> None:
         checkpoints = as_list(checkpoints)
         if not checkpoints:
@@ -366,6 +368,8 @@ class KeypointPredictor:
             name = Path(item).name if isinstance(item, (str, Path)) else Path(runner.path).name
             self.members.append(Member(runner, float(weight), name))
         self.flip_test, self.scales = flip_test, tuple(scales)
+        #: The crop pass's test scales (the first pass's unless told): above 1 it sees the garment larger.
+        self.crop_scales = tuple(crop_scales) if crop_scales else self.scales
         self.decoder, self.decode_sigma = decoder, decode_sigma
         #: The crop pass's margin, None for one pass: as the models were trained unless told otherwise.
         self.crop_margin = self._crop_margin(two_pass, crop_margin)
@@ -438,13 +442,15 @@ class KeypointPredictor:
             codec = replace(codec, decoder=self.decoder)
         return codec if self.decode_sigma is None else replace(codec, decode_sigma=self.decode_sigma)
 
-    def _member_outputs(self, member: Member, batch: PhotoBatch, index: list[int]) -> _MemberOutput:
-        """Heatmaps (n, K, g, g) of one member for the photos ``index``, averaged over scales and flips, on its
-        grid at the largest scale; and its type probabilities (n, 5), averaged likewise (None without a head)."""
+    def _member_outputs(
+        self, member: Member, batch: PhotoBatch, index: list[int], scales: tuple[float, ...]
+    ) -> _MemberOutput:
+        """Heatmaps (n, K, g, g) of one member for the photos ``index``, averaged over ``scales`` and flips, on
+        its grid at the largest scale; and its type probabilities (n, 5), averaged likewise (None without a head)."""
         runner = member.runner
-        grid = input_size_at(runner.input_size, max(self.scales)) // runner.codec.stride
+        grid = input_size_at(runner.input_size, max(scales)) // runner.codec.stride
         heatmap_sum, type_sum, passes = None, None, 0
-        for scale in self.scales:
+        for scale in scales:
             inputs = batch.at(input_size_at(runner.input_size, scale), index)
             heatmaps, types = runner(inputs)
             passes += 1
@@ -460,15 +466,17 @@ class KeypointPredictor:
         types = None if type_sum is None else (type_sum / passes).cpu().numpy()
         return _MemberOutput(index, heatmap_sum / passes, types)
 
-    def _one_pass(self, batch: PhotoBatch, categories: list[str], ran: dict[int, _MemberOutput]) -> np.ndarray:
-        """(N, 24, 3) points of one pass over ``batch``; ``ran`` holds the members that already ran on it and
-        gains the others."""
+    def _one_pass(
+        self, batch: PhotoBatch, categories: list[str], ran: dict[int, _MemberOutput], scales: tuple[float, ...]
+    ) -> np.ndarray:
+        """(N, 24, 3) points of one pass over ``batch`` at ``scales``; ``ran`` holds the members that already ran
+        on it and gains the others."""
         by_category = {c: self.members_for(c) for c in dict.fromkeys(categories)}
         # Each member runs once on all the photos it serves (one pass per flip and scale, not per garment type).
         for m in self.members:
             served = [i for i, c in enumerate(categories) if m in by_category[c]]
             if served and id(m) not in ran:
-                ran[id(m)] = self._member_outputs(m, batch, served)
+                ran[id(m)] = self._member_outputs(m, batch, served, scales)
         out = np.full((len(batch), NUM_KEYPOINTS, 3), np.nan)
         for category, members in by_category.items():
             index = [i for i, c in enumerate(categories) if c == category]
@@ -476,7 +484,7 @@ class KeypointPredictor:
             # Decoded on the finest member's grid, with its codec (its blur is in that grid's pixels).
             finest = max(members, key=lambda m: m.runner.input_size)
             codec = self.codec_of(finest)
-            input_size = input_size_at(finest.runner.input_size, max(self.scales))
+            input_size = input_size_at(finest.runner.input_size, max(scales))
             grid = input_size // codec.stride
             total = None
             for m in members:
@@ -520,11 +528,11 @@ class KeypointPredictor:
                     "clothes=all model trained with model.type_head=true does): give the type (clothes=...)"
                 )
             for m in heads:  # clothes=all models: they serve every photo, so what they see now is kept
-                ran[id(m)] = self._member_outputs(m, batch, list(range(len(batch))))
+                ran[id(m)] = self._member_outputs(m, batch, list(range(len(batch))), self.scales)
             told = self._type_probabilities(ran, len(batch))
             for i in unknown:
                 categories[i] = CATEGORIES[int(told[i].argmax())]
-        points = self._one_pass(batch, categories, ran)
+        points = self._one_pass(batch, categories, ran, self.scales)
         # with types to tell, every head already saw every photo: the pass added no type probabilities
         probabilities = told if unknown else self._type_probabilities(ran, len(batch))
         if self.crop_margin is not None:
@@ -532,7 +540,7 @@ class KeypointPredictor:
                 crop_frame(points[i, list(CATEGORY_KEYPOINTS[c]), :2], self.crop_margin, *batch.sizes[i])
                 for i, c in enumerate(categories)
             ]
-            points = self._one_pass(batch.reframed(frames), categories, {})
+            points = self._one_pass(batch.reframed(frames), categories, {}, self.crop_scales)
         predicted = [i in unknown for i in range(len(batch))]
         return Predictions(points, categories, probabilities, predicted)
 
@@ -631,6 +639,7 @@ def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
         flip_test=cfg.flip_test, scales=as_list(cfg.scales), decoder=cfg.decoder,
         channels_last=cfg.get("channels_last"), backend=cfg.get("backend", "auto"), precision=cfg.precision,
         calibration=photos, two_pass=cfg.two_pass, crop_margin=cfg.crop_margin,
+        crop_scales=as_list(cfg.get("crop_scales")) or None,
     )  # fmt: skip
     if predictor.crop_margin is not None:
         log.info("two passes: the second on a crop around the first's points, margin %.2f", predictor.crop_margin)

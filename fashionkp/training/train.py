@@ -18,6 +18,7 @@ from fashionkp.config import register_resolvers
 from fashionkp.data.codec import DEPRECATED_DECODERS, check_decoder
 from fashionkp.data.dataset import FashionAIDataModule
 from fashionkp.errors import ConfigError
+from fashionkp.inference.precision import training_precision
 from fashionkp.training.callbacks import AtomicCheckpointIO, NEReport
 from fashionkp.training.module import CPNModule
 
@@ -151,8 +152,9 @@ def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "choices": hydra_choices()})
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
-    )
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        precision=training_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+    )  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path")))
     if "val/ne" not in trainer.callback_metrics and not trainer.interrupted:
         # A run shorter than check_val_every_n_epoch: validate the final weights rather than report NaN.
