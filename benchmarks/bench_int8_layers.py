@@ -4,7 +4,7 @@ points only, input pixels), and its time per image (onnxruntime, batch 1, 2 thre
 
     python benchmarks/bench_int8_layers.py CHECKPOINT --photos /data/fashionai/train [--n 80] [--calibration 64]
 
-"recipe" is what `fashionkp export --precision int8` and `precision=int8` keep in fp32 (precision.fp32_nodes).
+"fp32_nodes" is what `fashionkp export --precision int8` and `precision=int8` keep in fp32.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from fashionkp.data.fashionai import read_splits  # noqa: E402
 from fashionkp.data.keypoints import CATEGORY_KEYPOINTS  # noqa: E402
 from fashionkp.data.split import split_records  # noqa: E402
 from fashionkp.inference.checkpoint import load_checkpoint  # noqa: E402
-from fashionkp.inference.precision import calibration_photos, fp32_nodes, letterboxed  # noqa: E402
+from fashionkp.inference.precision import (  # noqa: E402
+    calibration_photos,
+    fp32_nodes,
+    letterboxed,
+    quantize_int8,
+    type_head_nodes,
+)
 from fashionkp.inference.predictor import cached_onnx  # noqa: E402
 
 
@@ -37,10 +43,10 @@ def node_groups(graph) -> dict[str, list[str]]:
     def named(*parts: str) -> list[str]:
         return [n.name for n in nodes if any(p in n.name for p in parts)]
 
-    head = [n.name for n in nodes if "type_head" in n.name or n.op_type == "Softmax"]
+    head = type_head_nodes(graph)
     return {
         "all int8 (type head fp32)": head,
-        "recipe": fp32_nodes(graph),
+        "fp32_nodes (what int8 keeps)": fp32_nodes(graph),
         "Pad nodes only": head + [n.name for n in nodes if n.op_type == "Pad"],
         "depthwise convolutions": head + [n.name for n in nodes if n.op_type == "Conv" and "conv_dw" in n.name],
         "backbone stages 2-3": head + named("blocks.2/", "blocks.3/"),
@@ -50,7 +56,6 @@ def node_groups(graph) -> dict[str, list[str]]:
 
 def main() -> None:
     from onnxruntime import InferenceSession, SessionOptions
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     parser = argparse.ArgumentParser()
@@ -84,13 +89,6 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return codec.decode(torch.from_numpy(heatmaps))[0], 1000 * float(np.median(times))
 
-    class Photos(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"images": letterboxed(p, size)} for p in calibration])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
     fp32 = cached_onnx(args.checkpoint)
     reference, fp32_ms = run(fp32)
     rows = [{"kept in fp32": "everything (fp32)", "nodes": "all", "median shift px": "0", "mean shift px": "0",
@@ -99,11 +97,7 @@ def main() -> None:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         for name, keep in node_groups(onnx.load(str(prepared)).graph).items():
-            out = Path(tmp) / "int8.onnx"
-            quantize_static(
-                str(prepared), str(out), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-            )  # fmt: skip
+            out = quantize_int8(fp32, Path(tmp) / "int8.onnx", calibration, keep_fp32=lambda graph, keep=keep: keep)
             points, ms = run(out)
             shift = (points - reference).norm(dim=-1)[own]
             moved = 100 * (shift > 1).float().mean()

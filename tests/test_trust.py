@@ -2,6 +2,7 @@
 test here failed on the code before its fix."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -111,11 +112,21 @@ def test_decoding_stays_fp32_under_bf16_autocast():
     assert torch.equal(under_bf16, reference)
 
 
-def test_a_bf16_mixed_cpu_run_trains_and_validates(synth_data, tmp_path):
+@pytest.mark.parametrize("cpu_has_bf16", [True, False])
+def test_a_bf16_mixed_cpu_run_trains_and_validates(synth_data, tmp_path, monkeypatch, caplog, cpu_has_bf16):
+    """On a CPU with AVX-512 BF16 the run trains in bf16; without it, in 32-true, and its log says so."""
+    from fashionkp.inference import precision
+
+    flags = {"avx512f", "avx512_bf16"} if cpu_has_bf16 else {"avx2"}
+    monkeypatch.setattr(precision, "cpu_features", lambda: precision.CpuFeatures(frozenset(flags)))
     cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.precision=bf16-mixed",
                          "trainer.max_epochs=1"], tmp_path)  # fmt: skip
-    result = train(cfg)
+    with caplog.at_level(logging.INFO):
+        result = train(cfg)
     assert result["global_step"] == 2 and np.isfinite(result["val_ne"])
+    fell_back = "trainer.precision=bf16-mixed: this CPU (AVX2, bf16 no, VNNI no) has no AVX-512 BF16" in caplog.text
+    assert fell_back != cpu_has_bf16
+    assert ("Using bfloat16 Automatic Mixed Precision" in caplog.text) == cpu_has_bf16  # Lightning's own line
 
 
 def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(synth_data, tmp_path):

@@ -19,6 +19,7 @@ from fashionkp.data.split import split_records
 from fashionkp.evaluation.evaluate import score
 from fashionkp.inference.checkpoint import load_checkpoint
 from fashionkp.inference.precision import (
+    INT8_SCHEME,
     NE_TOLERANCE,
     PRECISIONS,
     calibration_photos,
@@ -92,7 +93,7 @@ def _measure(checkpoint, roots, val_fraction, val_salt, calibration_images, val_
         "checkpoint": str(checkpoint), "checkpoint_size": Path(checkpoint).stat().st_size,
         "choice": choose(figures), "tolerance_points": NE_TOLERANCE, "figures": figures,
         "validation_images": len(val), "calibration_photos": len(photos), "threads": threads,
-        "cpu": cpu_features().describe(), "int8_onnx": str(int8_file), "unit": "%",
+        "cpu": cpu_features().describe(), "int8_onnx": str(int8_file), "int8_scheme": INT8_SCHEME, "unit": "%",
     }  # fmt: skip
     record_path(checkpoint).write_text(json.dumps(record, indent=2))
     return record

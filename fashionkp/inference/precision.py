@@ -8,10 +8,11 @@ import json
 import logging
 import os
 import platform
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,14 +23,18 @@ from fashionkp.data.split import split_records
 from fashionkp.data.transforms import letterbox
 from fashionkp.errors import ConfigError
 
+if TYPE_CHECKING:
+    import onnx
+
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "int8")
 #: What ``precision=`` accepts: ``auto`` is the measured choice of each model (fp32 where none was measured).
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 #: The NE cost (points) a faster precision may have against fp32 to be chosen by ``precision=auto``.
 NE_TOLERANCE = 0.1
-#: The int8 recipe (which nodes stay fp32): cached int8 files of another recipe are made again.
-INT8_RECIPE = 3
+#: Version of what int8 leaves in fp32 (``fp32_nodes``); int8 files and records of another version are made
+#: again. 2: the padding arithmetic stays fp32 (1, unversioned: only the type head did).
+INT8_SCHEME = 2
 
 
 @dataclass(frozen=True)
@@ -103,31 +108,40 @@ def letterboxed(path: Path | str, size: int) -> np.ndarray:
     return letterbox(load_image(path), size).transpose(2, 0, 1)[None].astype(np.float32)
 
 
-def fp32_nodes(graph) -> list[str]:
-    """The nodes int8 leaves in fp32.
+def type_head_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The garment-type head's nodes: int8 leaves them in fp32 (one small layer, no time to win, and its
+    answer picks the points)."""
+    return [n.name for n in graph.node if "type_head" in n.name or n.op_type == "Softmax"]
 
-    The arithmetic that computes padding amounts from shapes (TF-style "same" padding of the EfficientNet
-    backbones): quantized, its amounts round to the wrong whole pixels and shift feature maps. On the recipe's
-    model that moved the median point by 3.4 input pixels, 0.2 with it in fp32 (benchmarks/bench_int8_layers.py).
-    The garment-type head: one small layer, no time to win, and its answer picks the points.
+
+def fp32_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The nodes int8 leaves in fp32: the type head, and the arithmetic that computes padding amounts from
+    shapes (TF-style "same" padding of the EfficientNet backbones). Quantized, those amounts round to the wrong
+    whole pixels and shift feature maps: on the recipe's model that moved the median point by 3.4 input pixels,
+    0.2 with it in fp32, and cost 2.1 NE points (benchmarks/bench_int8_layers.py).
     """
     producer = {out: node for node in graph.node for out in node.output}
-    shape_math: set[str] = set()
+    shape_math: dict[int, str] = {}
     pending = [name for node in graph.node if node.op_type == "Pad" for name in node.input[1:]]
     while pending:
         node = producer.get(pending.pop())
-        if node is None or node.name in shape_math:
+        if node is None or id(node) in shape_math:
             continue
-        shape_math.add(node.name)
+        shape_math[id(node)] = node.name
         if node.op_type != "Shape":  # a Shape reads the feature map only for its size: stop there
             pending.extend(node.input)
-    head = {n.name for n in graph.node if "type_head" in n.name or n.op_type == "Softmax"}
-    return sorted(shape_math | head)
+    return sorted(set(shape_math.values()) | set(type_head_nodes(graph)))
 
 
-def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path | str]) -> Path:
+def quantize_int8(
+    fp32_onnx: Path | str,
+    out: Path | str,
+    photos: Sequence[Path | str],
+    keep_fp32: Callable[[onnx.GraphProto], list[str]] = fp32_nodes,
+) -> Path:
     """Static int8 quantization of an exported model (QDQ, per-channel int8 weights, uint8 activations), its
-    activation ranges calibrated on ``photos`` letterboxed at the model's input size (from the export's metadata)."""
+    activation ranges calibrated on ``photos`` letterboxed at the model's input size (from the export's metadata);
+    the nodes ``keep_fp32`` names stay fp32."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -153,10 +167,10 @@ def quantize_int8(fp32_onnx: Path | str, out: Path | str, photos: Sequence[Path 
         quantize_static(
             str(prepared), str(tmp), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=fp32_nodes(onnx.load(str(prepared)).graph),
+            nodes_to_exclude=keep_fp32(onnx.load(str(prepared)).graph),
         )  # fmt: skip
         model = onnx.load(str(tmp))
-        info.update(precision="int8", calibration_photos=len(photos))
+        info.update(precision="int8", calibration_photos=len(photos), int8_scheme=INT8_SCHEME)
         del model.metadata_props[:]
         entry = model.metadata_props.add()
         entry.key, entry.value = "fashionkp", json.dumps(info)
@@ -207,5 +221,9 @@ def recorded_choice(checkpoint: Path | str) -> dict | None:
     stat = Path(checkpoint).stat()
     if record.get("checkpoint_size") != stat.st_size:
         log.warning("%s was measured on another version of %s: ignored", path, checkpoint)
+        return None
+    if record.get("int8_scheme", 1) != INT8_SCHEME:
+        log.warning("%s measured an older int8 (it quantized padding amounts): ignored; run `fashionkp precision`"
+                    " again", path)  # fmt: skip
         return None
     return record

@@ -57,7 +57,7 @@ from fashionkp.inference.checkpoint import (
 )
 from fashionkp.inference.export import EXPORT_FORMAT, export_onnx
 from fashionkp.inference.precision import (
-    INT8_RECIPE,
+    INT8_SCHEME,
     PRECISION_CHOICES,
     calibration_photos,
     quantize_int8,
@@ -204,7 +204,7 @@ def cached_onnx(
     if not int8_calibration:
         return target
     photos = sorted(str(p) for p in int8_calibration)
-    calibration_key = hashlib.sha1("\n".join([*photos, f"recipe {INT8_RECIPE}"]).encode()).hexdigest()[:12]
+    calibration_key = hashlib.sha1("\n".join([*photos, f"int8 scheme {INT8_SCHEME}"]).encode()).hexdigest()[:12]
     quantized = cache_dir / f"{checkpoint.stem}-{key}-int8-{calibration_key}.onnx"
     if not quantized.is_file():
         log.info("int8: calibrating %s on %d photos", checkpoint.name, len(photos))
@@ -373,6 +373,9 @@ class KeypointPredictor:
         self.decoder, self.decode_sigma = decoder, decode_sigma
         #: The crop pass's margin, None for one pass: as the models were trained unless told otherwise.
         self.crop_margin = self._crop_margin(two_pass, crop_margin)
+        if crop_scales and self.crop_margin is None:
+            log.warning("crop_scales=%s: ignored, the models run one pass (two_pass=true adds the crop pass)",
+                        list(crop_scales))  # fmt: skip
 
     def _crop_margin(self, two_pass: bool | None, crop_margin: float | None) -> float | None:
         trained = [m.runner.crop_margin for m in self.members if m.runner.crop_margin is not None]
