@@ -192,9 +192,8 @@ def check_inference_config(cfg: DictConfig) -> None:
     if cfg.get("calibration_root"):
         check_data_root(as_list(cfg.calibration_root), "calibration_root")
     # decoder, backend, precision and ensemble weights: checked by KeypointPredictor, for the Python API too
-    for key in ("scales", "crop_scales"):
-        scales = as_list(cfg.get(key))
-        if key == "crop_scales" and cfg.get(key) is None:
-            continue  # the first pass's scales
+    # crop_scales=null: the crop pass uses the first pass's scales
+    for key in ("scales", "crop_scales") if cfg.get("crop_scales") is not None else ("scales",):
+        scales = as_list(cfg[key])
         if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
             raise ConfigError(key, scales, "must be a list of positive factors", "e.g. [1.0] or [1.0,1.25]")
