@@ -22,7 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import gflops, median_seconds, print_table  # noqa: E402
 
-from fashionkp.inference.precision import calibration_photos, cpu_features, quantize_int8  # noqa: E402
+from fashionkp.inference.precision import (  # noqa: E402
+    calibration_photos,
+    cpu_features,
+    describe_choice,
+    onnxruntime_bf16_error,
+    quantize_int8,
+)
 from fashionkp.models import CPN, HeatmapModel, build_backbone  # noqa: E402
 
 HEADS = {"paper": "bilinear", "reference": "deconv"}
@@ -137,6 +143,16 @@ def main() -> None:
     columns = ["model", "input", "batch", "head", "mode", "precision", "GFLOPs/img", "ms/batch", "img/s",
                "x reference forward", "NE %"]  # fmt: skip
     print_table(rows, columns)
+    print(f"bf16 through onnxruntime: {onnxruntime_bf16_error() or 'runs'}; bf16 above is PyTorch autocast")
+    # The default CPU path (precision=auto): the measured choice, else onnxruntime fp32 (never measured). Only
+    # the recipe's model is trained here; a CPN-ResNet50 gets its own choice once `fashionkp precision` measures it.
+    choice = record["choice"] if record else "fp32"
+    mode = next(m for m, p in PRECISION_OF.items() if p == choice and m in ("onnx", "bf16", "int8"))
+    why = f"the recipe's measured choice: {describe_choice(record)}" if record else "no measurement given"
+    print(f"default CPU path, precision=auto -> {choice} ({why}); with that precision:")
+    for row in [r for r in rows if r["head"] == "paper" and r["mode"] == mode] or [{"model": f"(no {mode} rows)"}]:
+        print(f"  {row['model']} batch {row.get('batch', '-')}: {row.get('ms/batch', '-')} ms, "
+              f"{row.get('x reference forward', '-')}x the reference system's forward")  # fmt: skip
 
 
 def _random_calibration(tmp: Path, size: int) -> list[Path]:

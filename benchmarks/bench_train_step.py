@@ -1,7 +1,7 @@
 """Seconds per CPU training step (batch 16, forward + backward + AdamW) of the CPN: fp32 eager, fp32
 channels_last and bf16 autocast (trainer.precision=bf16-mixed) with channels_last.
 
-python benchmarks/bench_train_step.py [--quick]
+python benchmarks/bench_train_step.py [--quick] [--backbones resnet50]
 """
 
 from __future__ import annotations
@@ -53,10 +53,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--backbones", help="only the rows of these backbones (comma-separated), e.g. resnet50")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lite0 = "tf_efficientnet_lite0"
     combos = [(lite0, 192, 64), (lite0, 256, 256), (lite0, 512, 256), ("resnet50", 256, 256), ("resnet50", 512, 256)]
+    if args.backbones:
+        unknown = set(args.backbones.split(",")) - {c[0] for c in combos}
+        if unknown:
+            parser.error(f"--backbones: no combination for {sorted(unknown)} (of {lite0}, resnet50)")
+        combos = [c for c in combos if c[0] in args.backbones.split(",")]
     if args.quick:
         combos = combos[:2]
     repeats = 2 if args.quick else 3

@@ -183,12 +183,12 @@ def wandb_api_key() -> str | None:
 
 def check_inference_config(cfg: DictConfig) -> None:
     """predict.py / evaluate.py: the checkpoint files and the test scales."""
-    checkpoints = as_list(cfg.checkpoints)
-    if not checkpoints:
+    if not as_list(cfg.checkpoints):
         raise ConfigError("checkpoints", [], "no checkpoint given", "checkpoints=a.ckpt or checkpoints=[a.ckpt,b.ckpt]")
-    for path in checkpoints:
-        if not Path(path).is_file():
-            raise ConfigError("checkpoints", str(path), "no such checkpoint file")
+    for key in ("checkpoints", "fine_checkpoints"):
+        for path in as_list(cfg.get(key)):
+            if not Path(path).is_file():
+                raise ConfigError(key, str(path), "no such checkpoint file")
     if cfg.get("calibration_root"):
         check_data_root(as_list(cfg.calibration_root), "calibration_root")
     # decoder, backend, precision and ensemble weights: checked by KeypointPredictor, for the Python API too

@@ -16,6 +16,7 @@ from fashionkp.config import CONFIG_DIR
 from fashionkp.data.codec import HeatmapCodec
 from fashionkp.data.keypoints import CATEGORIES, CATEGORY_KEYPOINTS, NUM_KEYPOINTS, channels_for, flip_permutation
 from fashionkp.data.transforms import FILL_VALUE, apply_affine, letterbox_matrix
+from fashionkp.errors import ConfigError
 from fashionkp.evaluation.evaluate import evaluate
 from fashionkp.inference.checkpoint import load_checkpoint
 from fashionkp.inference.predictor import KeypointPredictor
@@ -256,6 +257,30 @@ def test_two_passes_recover_a_perfect_models_points_exactly(scales, crop_scales)
     # (within 1%: the crop is placed from pass 1's points, a tenth of a pixel off the true ones)
     assert all(min(abs(z / e - 1) for e in expected) < 0.01 for z in seen)
     assert all(min(abs(z / e - 1) for z in seen) < 0.01 for e in expected)
+
+
+def test_a_dedicated_crop_pass_model_sees_only_the_crops_and_gives_the_points():
+    """fine_checkpoints: pass 1 (a coarse model, its points 3 px off) finds the crop, the fine model alone looks at
+    it and its points come back exactly; without it the crop pass runs the coarse model again."""
+    h, w, clothes = 240, 200, "skirt"
+    own = list(CATEGORY_KEYPOINTS[clothes])
+    truth = np.full((NUM_KEYPOINTS, 2), np.nan)
+    truth[own] = np.c_[np.linspace(70, 130, len(own)), np.linspace(60, 160, len(own))]
+    image = CoordinateOracle.photo(h, w)
+    coarse, fine = CoordinateOracle(truth + 3.0, 96), CoordinateOracle(truth, 96)
+    predictor = KeypointPredictor([coarse], fine_checkpoints=[fine], two_pass=True, crop_margin=0.2)
+    points = predictor.predict(image, clothes)
+    assert np.abs(points[own, :2] - truth[own]).max() < 0.25  # (DARK near a crop's edge: a tenth of a pixel)
+    letterbox = 96 / 240  # input pixels per photo pixel
+    assert coarse.frames and all(abs(np.hypot(*m[:, 0]) * letterbox - 1) < 0.01 for m in coarse.frames)
+    assert fine.frames and all(abs(np.hypot(*m[:, 0]) * letterbox - 1) > 0.2 for m in fine.frames)  # zoomed crops
+    alone = KeypointPredictor([coarse], two_pass=True, crop_margin=0.2).predict(image, clothes)
+    assert np.abs(alone[own, :2] - (truth[own] + 3.0)).max() < 0.25
+    with pytest.raises(ConfigError, match="fine_checkpoints=.*two_pass=true"):
+        KeypointPredictor([coarse], fine_checkpoints=[fine], two_pass=False)
+    fine.clothes = "dress"
+    with pytest.raises(ConfigError, match=r"fine_checkpoints=.*no crop-pass model for \['blouse'"):
+        KeypointPredictor([coarse], fine_checkpoints=[fine], two_pass=True)
 
 
 def test_a_photo_without_its_type_gets_the_type_heads_weighted_answer():

@@ -7,14 +7,24 @@ import logging
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from fashionkp.cli import main as cli
 from fashionkp.data.fashionai import read_csv
 from fashionkp.data.images import load_image
 from fashionkp.data.keypoints import CATEGORY_KEYPOINTS
 from fashionkp.inference import precision as precision_module
-from fashionkp.inference.precision import CpuFeatures, calibration_photos, choose, record_path, usable
-from fashionkp.inference.predictor import KeypointPredictor
+from fashionkp.inference.precision import (
+    INT8_SCHEME,
+    CpuFeatures,
+    calibration_photos,
+    choose,
+    cpu_features,
+    onnxruntime_bf16_error,
+    record_path,
+    usable,
+)
+from fashionkp.inference.predictor import KeypointPredictor, OnnxHeatmapRunner, TorchHeatmapRunner, cached_onnx
 
 NO_BF16_NO_VNNI = CpuFeatures(frozenset({"avx2", "fma"}))
 FULL = CpuFeatures(frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
@@ -165,3 +175,76 @@ def test_fashionkp_precision_records_a_choice_that_auto_then_uses(tiny_checkpoin
 def test_int8_without_calibration_says_how_to_get_it(tiny_checkpoints):
     with pytest.raises(ValueError, match="has no int8 model yet.*calibration_root"):
         KeypointPredictor([tiny_checkpoints["b"]], device="cpu", precision="int8")
+
+
+def _onnx_info(path) -> dict:
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["fashionkp"])
+
+
+def test_export_writes_the_measured_choice_into_the_file(tiny_checkpoints, synth_data, tmp_path, capsys, caplog):
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(tiny_checkpoints["a"].read_bytes())
+    # never measured: fp32, and it says how to measure
+    assert cli(["export", str(checkpoint), str(tmp_path / "plain.onnx")]) == 0
+    assert "no valid measurement of" in capsys.readouterr().out
+    assert _onnx_info(tmp_path / "plain.onnx")["precision"] == "fp32"
+    assert _onnx_info(tmp_path / "plain.onnx")["precision_choice"] is None
+    # a record (as `fashionkp precision` writes it) where int8 costs 0.05 points for twice the speed
+    int8_file = cached_onnx(checkpoint, tmp_path / "cache", calibration_photos([synth_data["train"]], 8))
+    figures = {"fp32": {"ne": 9.00, "ms_per_image": 10.0}, "bf16": {"ne": 9.02, "ms_per_image": 8.0},
+               "int8": {"ne": 9.05, "ms_per_image": 5.0}}  # fmt: skip
+    record = {"checkpoint": str(checkpoint), "checkpoint_size": checkpoint.stat().st_size, "choice": "int8",
+              "tolerance_points": 0.1, "figures": figures, "validation_images": 40, "calibration_photos": 8,
+              "threads": 2, "cpu": "AVX-512, bf16 yes, VNNI yes", "int8_onnx": str(int8_file),
+              "int8_scheme": INT8_SCHEME, "unit": "%"}  # fmt: skip
+    record_path(checkpoint).write_text(json.dumps(record))
+    out = tmp_path / "model.onnx"
+    assert cli(["export", str(checkpoint), str(out)]) == 0
+    assert "precision=auto: int8, measured on 40 validation photos: NE 9.05% vs fp32 9.00%" in capsys.readouterr().out
+    info = _onnx_info(out)
+    assert info["precision"] == "int8" and info["precision_choice"]["figures"] == figures
+    assert "int8_onnx" not in info["precision_choice"]  # no path of this machine's cache in a file that travels
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("QuantizeLinear") > 10
+    with caplog.at_level(logging.INFO):
+        runner = OnnxHeatmapRunner(out)
+    assert runner.precision == "int8"
+    assert "model.onnx: int8, measured on 40 validation photos: NE 9.05% vs fp32 9.00%, 5.0 vs 10.0 ms" in caplog.text
+    # told int8 without calibration photos: the measured file, with its measurement
+    assert cli(["export", str(checkpoint), str(tmp_path / "told.onnx"), "--precision", "int8"]) == 0
+    assert _onnx_info(tmp_path / "told.onnx")["precision_choice"]["choice"] == "int8"
+    # told int8 with calibration photos: a new file, whose NE nobody measured
+    assert cli(["export", str(checkpoint), str(tmp_path / "new.onnx"), "--precision", "int8", "--calibration-root",
+                str(synth_data["train"]), "--calibration-images", "4"]) == 0  # fmt: skip
+    assert _onnx_info(tmp_path / "new.onnx")["precision_choice"] is None
+    # the measured int8 file gone from the cache: said, with what to do, and no file written
+    int8_file.unlink()
+    capsys.readouterr()
+    assert cli(["export", str(checkpoint), str(tmp_path / "gone.onnx")]) == 2
+    assert "has no measured int8 file (`fashionkp precision` makes one)" in capsys.readouterr().err
+    assert not (tmp_path / "gone.onnx").exists()
+    # where bf16 (PyTorch only) would be the fastest, the file holds the fastest ONNX precision within 0.1 points
+    figures["bf16"]["ms_per_image"], figures["int8"]["ne"] = 2.0, 9.5
+    record_path(checkpoint).write_text(json.dumps({**record, "choice": "bf16"}))
+    assert cli(["export", str(checkpoint), str(out)]) == 0
+    assert _onnx_info(out)["precision"] == "fp32" and _onnx_info(out)["precision_choice"]["choice"] == "bf16"
+    assert not list(tmp_path.glob(".*.tmp"))  # no leftovers of the export
+
+
+def test_export_in_bf16_says_where_bf16_runs(tiny_checkpoints, tmp_path, capsys):
+    assert onnxruntime_bf16_error() is not None  # onnxruntime's CPU provider has no bf16 arithmetic
+    assert cli(["export", str(tiny_checkpoints["a"]), str(tmp_path / "m.onnx"), "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "refuses a bf16 convolution on CPU" in err and "PyTorch autocast" in err and "precision=bf16" in err
+    assert "Traceback" not in err and not (tmp_path / "m.onnx").exists()
+    assert cli(["export", str(tiny_checkpoints["a"]), str(tmp_path / "m.onnx"), "--precision", "fp16"]) == 2
+    assert "--precision='fp16': not a valid choice" in capsys.readouterr().err
+
+
+def test_the_predictor_says_which_instruction_sets_it_found(tiny_checkpoints, caplog):
+    with caplog.at_level(logging.INFO):
+        KeypointPredictor([tiny_checkpoints["a"]], device="cpu", backend="torch")
+    assert f"CPU: {cpu_features().describe()}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # a network in memory (validation inside training): nothing to say
+        KeypointPredictor([TorchHeatmapRunner.from_checkpoint(tiny_checkpoints["a"], torch.device("cpu"))])
+    assert "CPU:" not in caplog.text

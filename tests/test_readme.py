@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import ROOT, ServeProcess, compose_train
@@ -338,7 +339,18 @@ def fashionkp(ws: Workspace, text: str) -> None:
         parts = [read_submission(ws.cwd / p) for p in argv[1 : argv.index("--out")]]
         assert len(read_submission(argv[-1])) == sum(map(len, parts))
     elif command == "export":
-        assert (ws.cwd / argv[2]).stat().st_size > 0
+        model = onnx.load(str(ws.cwd / argv[2]))
+        info = json.loads({p.key: p.value for p in model.metadata_props}["fashionkp"])
+        choice = info["precision_choice"]  # the measurement behind precision=auto, where there is one
+        if "--precision" in argv:
+            assert info["precision"] == argv[argv.index("--precision") + 1]
+        elif choice:  # an ONNX precision within the tolerance of fp32, and the fastest of those
+            figures, limit = choice["figures"], choice["figures"]["fp32"]["ne"] + 0.1
+            fits = {p: f for p, f in figures.items() if p != "bf16" and f["ne"] <= limit}
+            assert min(fits, key=lambda p: fits[p]["ms_per_image"]) == info["precision"]
+            assert f"precision=auto: {info['precision']}, measured on" in out, out
+        else:
+            assert info["precision"] == "fp32"
     elif command == "precision":
         assert "<- chosen" in out and (ws.cwd / f"{first}.precision.json").is_file()
     else:

@@ -183,6 +183,61 @@ def test_a_run_fits_its_epochs_and_lr_schedule_to_max_time(tmp_path, synth_data)
     assert resumed["global_step"] == result["global_step"] + steps_per_epoch
 
 
+class _BudgetClock:
+    """A trainer of 100 steps per epoch under a 2000-second budget, and the clock the time budget reads."""
+
+    def __init__(self, monkeypatch):
+        from datetime import timedelta
+        from types import SimpleNamespace
+
+        from pytorch_lightning.callbacks import Timer
+
+        from fashionkp.training import callbacks
+
+        self.now = 0.0
+        monkeypatch.setattr(callbacks.time, "monotonic", lambda: self.now)
+        timer = Timer(duration=timedelta(seconds=2000))
+        timer.time_remaining = lambda stage: 2000 - self.now
+        self.trainer = SimpleNamespace(
+            callbacks=[timer], current_epoch=0, global_step=0, max_epochs=30, fit_loop=SimpleNamespace(max_epochs=30),
+            lr_scheduler_configs=[], strategy=SimpleNamespace(broadcast=lambda x: x), num_training_batches=100,
+            accumulate_grad_batches=1, check_val_every_n_epoch=3,
+        )  # fmt: skip
+
+    def run(self, budget, epoch_seconds: list[float]) -> list[int]:
+        """The planned epochs at each epoch start, the first epoch's steps at 1 s each (the probe)."""
+        planned = []
+        for epoch, seconds in enumerate(epoch_seconds):
+            self.trainer.current_epoch = epoch
+            budget.on_train_epoch_start(self.trainer, None)
+            planned.append(budget.epochs)
+            for _ in range(100):
+                self.now += seconds / 100
+                self.trainer.global_step += 1
+                budget.on_train_batch_end(self.trainer, None, None, None, 0)
+        return planned
+
+
+def test_the_time_budget_gives_back_epochs_that_one_slow_epoch_cut(monkeypatch):
+    """The probe fits 20 epochs of 100 s in 2000 s. One epoch slowed to 300 s (a busy minute on a shared machine)
+    makes the next check cut the run to 10; once epochs run at 100 s again the run gets its epochs back, never
+    more than the probe's 20, and only in its first half. Undisturbed, the plan never moves."""
+    from fashionkp.training.callbacks import FitEpochsToTime
+
+    quiet = _BudgetClock(monkeypatch).run(FitEpochsToTime(probe_steps=50, reserve=0.0), [100] * 12)
+    assert quiet == [None] + [20] * 11
+    clock = _BudgetClock(monkeypatch)
+    budget = FitEpochsToTime(probe_steps=50, reserve=0.0)
+    planned = clock.run(budget, [100, 300, *[100] * 10])
+    assert planned[1] == 20 and planned[2] == 10  # cut after the slow epoch
+    assert max(planned[3:]) > 10 and all(e <= 20 for e in planned[1:])  # given back, within the probe's figure
+    assert clock.trainer.fit_loop.max_epochs == budget.epochs == planned[-1]
+    # past the run's first half nothing is given back: a slow 11th epoch cuts the run to 15, and a very fast 12th
+    # (which would fit 17) leaves it there
+    late = _BudgetClock(monkeypatch).run(FitEpochsToTime(probe_steps=50, reserve=0.0), [*[100] * 10, 400, 10, 100])
+    assert late[10:] == [20, 15, 15]
+
+
 def test_wandb_logs_offline_grouped_and_tagged_with_hydra_choices(tmp_path, synth_data, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
 

@@ -106,6 +106,15 @@ def _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra) -> list[str]:
         (["checkpoints=/no/such.ckpt"], "checkpoints='/no/such.ckpt': no such checkpoint file"),
         (["scales=[0]"], "scales=[0]: must be a list of positive factors (e.g. [1.0] or [1.0,1.25])"),
         (["crop_scales=[-1]"], "crop_scales=[-1]: must be a list of positive factors (e.g. [1.0] or [1.0,1.25])"),
+        (["fine_checkpoints=/no/fine.ckpt"], "fine_checkpoints='/no/fine.ckpt': no such checkpoint file"),
+        (
+            ["two_pass=true", "fine_checkpoints=${checkpoints}", "fine_weights=[1,2]"],
+            "fine_weights=[1, 2]: 2 ensemble weights for 1 checkpoints",
+        ),
+        (
+            ["two_pass=false", "fine_checkpoints=${checkpoints}"],
+            "fine_checkpoints=['last.ckpt']: dedicated crop-pass models need the crop pass (two_pass=true)",
+        ),
         (
             ["two_pass=true", "crop_margin=-1"],
             "crop_margin=-1: the crop margin is a fraction of the box's side, in [0, 2]",

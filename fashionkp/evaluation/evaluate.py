@@ -65,7 +65,9 @@ def write_outputs(cfg: DictConfig, out_dir: Path, records: list[Record], pred: n
     """metrics.json, the per-keypoint bar chart, the predictions as a submission, the split as a test list
     with its answers, and drawings of the worst images."""
     cats = [r.category for r in records]
-    payload = {"checkpoints": as_list(cfg.checkpoints), "split": cfg.split, "root": as_list(cfg.data.root),
+    fine = as_list(cfg.get("fine_checkpoints")) or None
+    payload = {"checkpoints": as_list(cfg.checkpoints), "fine_checkpoints": fine, "split": cfg.split,
+               "root": as_list(cfg.data.root),
                "images": len(records), "failed": failures, "flip_test": cfg.flip_test, "decoders": decoders,
                "scales": as_list(cfg.scales), "crop_scales": as_list(cfg.crop_scales) or None,
                "rounded": bool(cfg.round), "given_types": bool(cfg.given_types),
@@ -123,7 +125,7 @@ def evaluate(cfg: DictConfig) -> NEResult:
         print(f"garment types told by the model: {types['accuracy']:.2f}% right on {types['images']} images "
               f"({'given to the predictor' if cfg.given_types else 'used for the points'})")  # fmt: skip
     print("per keypoint: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result.per_keypoint.items()))
-    decoders = sorted({predictor.codec_of(m).decoder for m in predictor.members})
+    decoders = sorted({predictor.codec_of(m).decoder for m in [*predictor.members, *predictor.fine_members]})
     write_outputs(cfg, out_dir, records, pred, result, run.failures, decoders, types)
     log.info("NE %.4f%% on %d images -> %s", 100 * result.ne, len(records), out_dir)
     return result

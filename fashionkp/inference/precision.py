@@ -103,6 +103,76 @@ def training_precision(precision: str, accelerator: str, features: CpuFeatures |
     return "32-true"
 
 
+@cache
+def onnxruntime_bf16_error() -> str | None:
+    """Why onnxruntime's CPU provider cannot run a bf16 convolution (None where it can): fashionkp then runs bf16
+    through PyTorch autocast only. Asked of the installed onnxruntime with a one-node model, not assumed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed"
+    from onnx import TensorProto, helper
+
+    def bf16(name: str, side: int) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.BFLOAT16, [1, 1, side, side])
+
+    conv = helper.make_node("Conv", ["x", "w"], ["y"])
+    graph = helper.make_graph([conv], "bf16_conv", [bf16("x", 4), bf16("w", 3)], [bf16("y", 2)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own classes, whose names differ between versions
+        detail = str(e).splitlines()[0].rsplit("failed:", 1)[-1].strip()  # after onnxruntime's code and path
+        return f"onnxruntime {ort.__version__} refuses a bf16 convolution on CPU: {detail}"
+    return None
+
+
+def describe_choice(record: dict, precision: str | None = None) -> str:
+    """One line on a measured choice: ``precision`` (the record's choice unless told) against fp32."""
+    precision = precision or record["choice"]
+    chosen, fp32 = record["figures"][precision], record["figures"]["fp32"]
+    return (
+        f"{precision}, measured on {record['validation_images']} validation photos: NE {chosen['ne']:.2f}% vs fp32 "
+        f"{fp32['ne']:.2f}%, {chosen['ms_per_image']:.1f} vs {fp32['ms_per_image']:.1f} ms/image ({record['cpu']})"
+    )
+
+
+def onnx_choice(record: dict) -> str:
+    """The fastest precision of a record that an ONNX file can hold (fp32 or int8; bf16 runs only through
+    PyTorch autocast) within the record's NE tolerance of fp32."""
+    figures = {p: f for p, f in record["figures"].items() if p != "bf16"}
+    return choose(figures, record.get("tolerance_points", NE_TOLERANCE))
+
+
+def stamp_onnx(path: Path | str, out: Path | str, **fields: object) -> Path:
+    """A copy of an exported ONNX file at ``out`` (written atomically) whose fashionkp metadata gains ``fields``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    set_info(model, {**read_info(model), **fields})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def read_info(model: onnx.ModelProto) -> dict:
+    """What fashionkp wrote into an ONNX file (input size, codec, precision, ...); {} for another exporter's file."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    return json.loads(meta["fashionkp"]) if "fashionkp" in meta else {}
+
+
+def set_info(model: onnx.ModelProto, info: dict) -> None:
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "fashionkp", json.dumps(info)
+
+
 def letterboxed(path: Path | str, size: int) -> np.ndarray:
     """(1, 3, size, size) float32 network input of a photo, as the predictor makes it."""
     return letterbox(load_image(path), size).transpose(2, 0, 1)[None].astype(np.float32)
@@ -148,7 +218,7 @@ def quantize_int8(
 
     if not photos:
         raise ConfigError("calibration_root", None, "int8 needs calibration photos (training photos of the model)")
-    info = json.loads({p.key: p.value for p in onnx.load(str(fp32_onnx)).metadata_props}["fashionkp"])
+    info = read_info(onnx.load(str(fp32_onnx)))
     input_size = info["input_size"]
 
     class Photos(CalibrationDataReader):
@@ -171,9 +241,7 @@ def quantize_int8(
         )  # fmt: skip
         model = onnx.load(str(tmp))
         info.update(precision="int8", calibration_photos=len(photos), int8_scheme=INT8_SCHEME)
-        del model.metadata_props[:]
-        entry = model.metadata_props.add()
-        entry.key, entry.value = "fashionkp", json.dumps(info)
+        set_info(model, info)
         onnx.save(model, str(tmp))
         os.replace(tmp, out)
     finally:
@@ -210,6 +278,12 @@ def choose(figures: dict[str, dict[str, float]], tolerance: float = NE_TOLERANCE
     limit = figures["fp32"]["ne"] + tolerance
     fits = [p for p, f in figures.items() if f["ne"] <= limit]
     return min(fits, key=lambda p: figures[p]["ms_per_image"])
+
+
+def recorded_int8_file(record: dict | None) -> Path | None:
+    """The int8 file a record's measurement was made with, where it still exists (it lives in a cache)."""
+    path = Path(record["int8_onnx"]) if record and record.get("int8_onnx") else None
+    return path if path is not None and path.is_file() else None
 
 
 def recorded_choice(checkpoint: Path | str) -> dict | None:

@@ -10,7 +10,6 @@ one prediction path: ``predict.py``, ``evaluate.py`` and the validation during t
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -60,8 +59,12 @@ from fashionkp.inference.precision import (
     INT8_SCHEME,
     PRECISION_CHOICES,
     calibration_photos,
+    cpu_features,
+    describe_choice,
     quantize_int8,
+    read_info,
     recorded_choice,
+    recorded_int8_file,
     usable,
 )
 from fashionkp.models import CPNOutput
@@ -132,10 +135,9 @@ class OnnxHeatmapRunner:
         import onnxruntime as ort
 
         self.path = str(path)
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        if "fashionkp" not in meta:
+        info = read_info(onnx.load(str(path), load_external_data=False))
+        if not info:
             raise CheckpointError(f"{path}: not an ONNX file exported by `fashionkp export` (no metadata)")
-        info = json.loads(meta["fashionkp"])
         self.clothes, self.input_size = info["clothes"], info["input_size"]
         self.precision = info.get("precision", "fp32")
         # files exported before the codec was one object hold only the decoding blur; their stride was 4
@@ -143,6 +145,8 @@ class OnnxHeatmapRunner:
         self.codec = build_codec(codec, codec.get("stride", 4))
         self.mean_shape = np.asarray(info["mean_shape"], dtype=np.float64) if info.get("mean_shape") else None
         self.crop_margin = info.get("crop_margin")
+        if info.get("precision_choice"):
+            log.info("%s: %s", Path(path).name, describe_choice(info["precision_choice"], self.precision))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -314,7 +318,8 @@ class KeypointPredictor:
     members' weights; a ``clothes=all`` model serves every category. Models may differ in backbone and
     input size: the top-left letterbox frame is the same square at every size, so the grids align.
     ``checkpoints`` are files (``.ckpt`` or exported ``.onnx``) or runners of models already in memory.
-    ``decoder`` and ``decode_sigma`` replace the models' own codec settings when given.
+    ``decoder`` and ``decode_sigma`` replace the models' own codec settings when given. ``fine_checkpoints``
+    (with ``fine_weights``): dedicated models for the crop pass; without them the crop pass runs ``checkpoints``.
     """
 
     def __init__(
@@ -334,39 +339,54 @@ class KeypointPredictor:
         two_pass: bool | None = None,
         crop_margin: float | None = None,
         crop_scales: Sequence[float] | None = None,
+        fine_checkpoints: Sequence[Path | str | HeatmapRunner] | Path | str | None = None,
+        fine_weights: Sequence[float] | None = None,
     ) -> None:
         checkpoints = as_list(checkpoints)
         if not checkpoints:
             raise ConfigError("checkpoints", [], "no checkpoint given")
         decoder = None if decoder is None else check_decoder(decoder)
-        weights = list(weights) if weights else [1.0] * len(checkpoints)
-        if len(weights) != len(checkpoints):
-            raise ConfigError("weights", weights, f"{len(weights)} ensemble weights for {len(checkpoints)} checkpoints")
         if backend not in BACKENDS:
             raise ConfigError("backend", backend, "not a valid choice", BACKENDS)
         if precision not in PRECISION_CHOICES:
             raise ConfigError("precision", precision, "not a valid choice", PRECISION_CHOICES)
         self.device = _device(device)
+        if self.device.type == "cpu" and any(
+            isinstance(c, (str, Path)) for c in [*checkpoints, *as_list(fine_checkpoints)]
+        ):
+            # what bf16 and int8 can use here, said on every run (not by validation inside training)
+            log.info("CPU: %s", cpu_features().describe())
         # On CPU onnxruntime is the fastest path, then channels_last PyTorch (benchmarks/bench_inference.py);
         # on GPU PyTorch with cudnn's own layout.
         use_onnx = backend == "onnx" or (backend == "auto" and self.device.type == "cpu" and _has_onnxruntime())
         channels_last = self.device.type == "cpu" if channels_last is None else channels_last
-        self.members: list[Member] = []
-        for item, weight in zip(checkpoints, weights, strict=True):
-            if not isinstance(item, (str, Path)):
-                runner = item  # a runner of a model already in memory
-            elif str(item).endswith(".onnx"):
-                runner = OnnxHeatmapRunner(item, onnx_threads)  # runs in the precision it was exported in
-            else:
-                chosen = usable(self._precision_of(item, precision), self.device.type)
-                if chosen == "int8":
-                    runner = OnnxHeatmapRunner(self._int8_file(item, calibration), onnx_threads)
-                elif chosen == "fp32" and use_onnx:
-                    runner = OnnxHeatmapRunner(cached_onnx(item), onnx_threads)
+
+        def load(key: str, items: list, weights: Sequence[float] | None) -> list[Member]:
+            weights = list(weights) if weights else [1.0] * len(items)
+            if len(weights) != len(items):
+                raise ConfigError(key.replace("checkpoints", "weights"), weights,
+                                  f"{len(weights)} ensemble weights for {len(items)} checkpoints")  # fmt: skip
+            members = []
+            for item, weight in zip(items, weights, strict=True):
+                if not isinstance(item, (str, Path)):
+                    runner = item  # a runner of a model already in memory
+                elif str(item).endswith(".onnx"):
+                    runner = OnnxHeatmapRunner(item, onnx_threads)  # runs in the precision it was exported in
                 else:
-                    runner = TorchHeatmapRunner.from_checkpoint(item, self.device, channels_last, chosen == "bf16")
-            name = Path(item).name if isinstance(item, (str, Path)) else Path(runner.path).name
-            self.members.append(Member(runner, float(weight), name))
+                    chosen = usable(self._precision_of(item, precision), self.device.type)
+                    if chosen == "int8":
+                        runner = OnnxHeatmapRunner(self._int8_file(item, calibration), onnx_threads)
+                    elif chosen == "fp32" and use_onnx:
+                        runner = OnnxHeatmapRunner(cached_onnx(item), onnx_threads)
+                    else:
+                        runner = TorchHeatmapRunner.from_checkpoint(item, self.device, channels_last, chosen == "bf16")
+                name = Path(item).name if isinstance(item, (str, Path)) else Path(runner.path).name
+                members.append(Member(runner, float(weight), name))
+            return members
+
+        self.members = load("checkpoints", checkpoints, weights)
+        #: The crop pass's models: dedicated fine models where given, else the first pass's.
+        self.fine_members = load("fine_checkpoints", as_list(fine_checkpoints), fine_weights) or self.members
         self.flip_test, self.scales = flip_test, tuple(scales)
         #: The crop pass's test scales (the first pass's unless told): above 1 it sees the garment larger.
         self.crop_scales = tuple(crop_scales) if crop_scales else self.scales
@@ -376,9 +396,18 @@ class KeypointPredictor:
         if crop_scales and self.crop_margin is None:
             log.warning("crop_scales=%s: ignored, the models run one pass (two_pass=true adds the crop pass)",
                         list(crop_scales))  # fmt: skip
+        if self.fine_members is not self.members:
+            if self.crop_margin is None:
+                raise ConfigError("fine_checkpoints", self.model_names_of(self.fine_members),
+                                  "dedicated crop-pass models need the crop pass", "two_pass=true")  # fmt: skip
+            missing = [c for c in self.categories if c not in self._categories_of(self.fine_members)]
+            if missing:
+                raise ConfigError("fine_checkpoints", self.model_names_of(self.fine_members),
+                                  f"no crop-pass model for {missing}, which checkpoints serve")  # fmt: skip
 
     def _crop_margin(self, two_pass: bool | None, crop_margin: float | None) -> float | None:
-        trained = [m.runner.crop_margin for m in self.members if m.runner.crop_margin is not None]
+        members = [*self.members, *self.fine_members]  # the first pass's training says it first
+        trained = [m.runner.crop_margin for m in members if m.runner.crop_margin is not None]
         if two_pass is None:
             two_pass = bool(trained)
         if not two_pass:
@@ -393,10 +422,7 @@ class KeypointPredictor:
         record = recorded_choice(checkpoint) if self.device.type == "cpu" else None
         if record is None:
             return "fp32"
-        figures = record["figures"][record["choice"]]
-        log.info("%s: %s, as measured by `fashionkp precision` (NE %.2f%% vs fp32 %.2f%%, %.0f vs %.0f ms/image)",
-                 Path(checkpoint).name, record["choice"], figures["ne"], record["figures"]["fp32"]["ne"],
-                 figures["ms_per_image"], record["figures"]["fp32"]["ms_per_image"])  # fmt: skip
+        log.info("%s: precision=auto runs %s", Path(checkpoint).name, describe_choice(record))
         return record["choice"]
 
     @staticmethod
@@ -404,19 +430,28 @@ class KeypointPredictor:
         """The int8 model of a checkpoint: calibrated on ``calibration``, or the one ``fashionkp precision`` made."""
         if calibration:
             return cached_onnx(checkpoint, int8_calibration=calibration)
-        record = recorded_choice(checkpoint)
-        if record and record.get("int8_onnx") and Path(record["int8_onnx"]).is_file():
-            return Path(record["int8_onnx"])
+        recorded = recorded_int8_file(recorded_choice(checkpoint))
+        if recorded:
+            return recorded
         raise ConfigError(
             "precision", "int8", f"{Path(checkpoint).name} has no int8 model yet: it is calibrated on training photos",
             "give calibration_root=<a training split folder>, or run `fashionkp precision` on the checkpoint",
         )  # fmt: skip
 
+    @staticmethod
+    def _categories_of(members: list[Member]) -> list[str]:
+        kinds = {m.runner.clothes for m in members}
+        return [c for c in CATEGORY_KEYPOINTS if ALL in kinds or c in kinds]
+
+    @staticmethod
+    def model_names_of(members: list[Member]) -> list[str]:
+        """File names of ``members`` as given (``<training>`` for a network in memory)."""
+        return [m.name for m in members]
+
     @property
     def categories(self) -> list[str]:
         """Garment types this predictor can handle."""
-        kinds = {m.runner.clothes for m in self.members}
-        return [c for c in CATEGORY_KEYPOINTS if ALL in kinds or c in kinds]
+        return self._categories_of(self.members)
 
     @property
     def identifies_types(self) -> bool:
@@ -426,13 +461,15 @@ class KeypointPredictor:
     @property
     def model_names(self) -> list[str]:
         """File names of the models as given (``<training>`` for a network in memory)."""
-        return [m.name for m in self.members]
+        return self.model_names_of(self.members)
 
-    def members_for(self, category: str) -> list[Member]:
+    def members_for(self, category: str, members: list[Member] | None = None) -> list[Member]:
+        """The models (of ``members``, else the first pass's) that serve ``category``."""
         check_category(category)
-        members = [m for m in self.members if m.runner.clothes in (category, ALL)]
+        pool = self.members if members is None else members
+        members = [m for m in pool if m.runner.clothes in (category, ALL)]
         if not members:
-            trained = sorted({m.runner.clothes for m in self.members})
+            trained = sorted({m.runner.clothes for m in pool})
             raise GarmentTypeError(
                 f"no model for garment type {category!r}: the checkpoints were trained for {trained}"
             )
@@ -470,13 +507,18 @@ class KeypointPredictor:
         return _MemberOutput(index, heatmap_sum / passes, types)
 
     def _one_pass(
-        self, batch: PhotoBatch, categories: list[str], ran: dict[int, _MemberOutput], scales: tuple[float, ...]
+        self,
+        batch: PhotoBatch,
+        categories: list[str],
+        ran: dict[int, _MemberOutput],
+        scales: tuple[float, ...],
+        members: list[Member],
     ) -> np.ndarray:
-        """(N, 24, 3) points of one pass over ``batch`` at ``scales``; ``ran`` holds the members that already ran
-        on it and gains the others."""
-        by_category = {c: self.members_for(c) for c in dict.fromkeys(categories)}
+        """(N, 24, 3) points of one pass of ``members`` over ``batch`` at ``scales``; ``ran`` holds the members
+        that already ran on it and gains the others."""
+        by_category = {c: self.members_for(c, members) for c in dict.fromkeys(categories)}
         # Each member runs once on all the photos it serves (one pass per flip and scale, not per garment type).
-        for m in self.members:
+        for m in members:
             served = [i for i, c in enumerate(categories) if m in by_category[c]]
             if served and id(m) not in ran:
                 ran[id(m)] = self._member_outputs(m, batch, served, scales)
@@ -535,7 +577,7 @@ class KeypointPredictor:
             told = self._type_probabilities(ran, len(batch))
             for i in unknown:
                 categories[i] = CATEGORIES[int(told[i].argmax())]
-        points = self._one_pass(batch, categories, ran, self.scales)
+        points = self._one_pass(batch, categories, ran, self.scales, self.members)
         # with types to tell, every head already saw every photo: the pass added no type probabilities
         probabilities = told if unknown else self._type_probabilities(ran, len(batch))
         if self.crop_margin is not None:
@@ -543,7 +585,7 @@ class KeypointPredictor:
                 crop_frame(points[i, list(CATEGORY_KEYPOINTS[c]), :2], self.crop_margin, *batch.sizes[i])
                 for i, c in enumerate(categories)
             ]
-            points = self._one_pass(batch.reframed(frames), categories, {}, self.crop_scales)
+            points = self._one_pass(batch.reframed(frames), categories, {}, self.crop_scales, self.fine_members)
         predicted = [i in unknown for i in range(len(batch))]
         return Predictions(points, categories, probabilities, predicted)
 
@@ -642,8 +684,11 @@ def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
         flip_test=cfg.flip_test, scales=as_list(cfg.scales), decoder=cfg.decoder,
         channels_last=cfg.get("channels_last"), backend=cfg.get("backend", "auto"), precision=cfg.precision,
         calibration=photos, two_pass=cfg.two_pass, crop_margin=cfg.crop_margin,
-        crop_scales=as_list(cfg.get("crop_scales")) or None,
+        crop_scales=as_list(cfg.get("crop_scales")) or None, fine_checkpoints=as_list(cfg.get("fine_checkpoints")),
+        fine_weights=as_list(cfg.get("fine_weights")) or None,
     )  # fmt: skip
     if predictor.crop_margin is not None:
-        log.info("two passes: the second on a crop around the first's points, margin %.2f", predictor.crop_margin)
+        fine = predictor.model_names_of(predictor.fine_members) if cfg.get("fine_checkpoints") else None
+        log.info("two passes: the second on a crop around the first's points, margin %.2f%s", predictor.crop_margin,
+                 f", by the crop-pass models {fine}" if fine else "")  # fmt: skip
     return predictor

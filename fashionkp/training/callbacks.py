@@ -41,7 +41,9 @@ class FitEpochsToTime(pl.Callback):
     """Fit the run to its time budget (``trainer.max_time``): after ``probe_steps`` timed steps, cut the number
     of epochs to what fits (``reserve`` of the time left kept for validations), end the LR schedule there and
     validate the last epoch; at each later epoch start, cut again if whole epochs (validation included) turn
-    out slower. Without it a slower machine stops a run mid-schedule, its learning rate still high. Inactive
+    out slower, and in the first half of the run give back what such a cut took once they run faster again (a
+    busy minute on a shared machine must not cost the run a quarter of its epochs), never beyond the probe's
+    figure. Without it a slower machine stops a run mid-schedule, its learning rate still high. Inactive
     without ``max_time``. A cut is saved in the checkpoints, so a resumed run keeps it; every process of a
     distributed run takes the first's decision."""
 
@@ -49,6 +51,8 @@ class FitEpochsToTime(pl.Callback):
         self.probe_steps, self.reserve = probe_steps, reserve
         #: the epochs of a run the budget shortened (None: as many as asked)
         self.epochs: int | None = None
+        #: the epochs the step probe fitted: the most a later, faster stretch may give back
+        self.probe_epochs: int | None = None
         self._first_step: tuple[int, float] | None = None
         #: the step probe has run: from then on the epoch starts check the budget
         self._probed = False
@@ -76,10 +80,21 @@ class FitEpochsToTime(pl.Callback):
     def _fit(self, trainer: pl.Trainer, fit: int) -> None:
         """Cut the run to ``fit`` epochs (the first process's figure) if fewer than planned, never below the
         current one."""
-        fit = max(trainer.current_epoch + 1, int(trainer.strategy.broadcast(fit)))
+        fit = max(trainer.current_epoch + 1, fit)
         if fit < (self.epochs or self._asked(trainer)):
             self.epochs = fit
             log.info("time budget: %d epochs fit in trainer.max_time; the LR schedule ends with them", fit)
+            self._apply(trainer)
+
+    def _give_back(self, trainer: pl.Trainer, fit: int) -> None:
+        """Raise a cut to ``fit`` epochs (at most the probe's figure and the epochs asked) while the run is in its
+        first half, where stretching the cosine barely moves the learning rate."""
+        if self.epochs is None or self.probe_epochs is None or trainer.current_epoch > self.epochs // 2:
+            return
+        fit = min(fit, self.probe_epochs, self._asked(trainer))
+        if fit >= self.epochs + 2:  # not for one epoch, which the next validation may take back
+            self.epochs = fit
+            log.info("time budget: epochs run faster again, %d epochs fit; the LR schedule ends with them", fit)
             self._apply(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -96,7 +111,9 @@ class FitEpochsToTime(pl.Callback):
             # whole epochs so far, validations and checkpoints included
             per_epoch = (now - self._first_epoch[1]) / (trainer.current_epoch - self._first_epoch[0])
             left = timer.time_remaining("train") * (1 - self.reserve)
-            self._fit(trainer, trainer.current_epoch + int(left / per_epoch))
+            fit = int(trainer.strategy.broadcast(trainer.current_epoch + int(left / per_epoch)))
+            self._fit(trainer, fit)
+            self._give_back(trainer, fit)
         if self.epochs is not None and trainer.current_epoch == self.epochs - 1:
             trainer.check_val_every_n_epoch = 1
 
@@ -116,13 +133,15 @@ class FitEpochsToTime(pl.Callback):
             log.info("time budget: %.2f s per step", per_step)
             fit = trainer.global_step + timer.time_remaining("train") * (1 - self.reserve) / per_step
             self._probed = True
-            self._fit(trainer, int(fit // self._steps_per_epoch(trainer)))
+            fit = int(trainer.strategy.broadcast(int(fit // self._steps_per_epoch(trainer))))
+            self.probe_epochs = fit
+            self._fit(trainer, fit)
 
     def state_dict(self) -> dict:
-        return {"epochs": self.epochs}
+        return {"epochs": self.epochs, "probe_epochs": self.probe_epochs}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epochs = state["epochs"]
+        self.epochs, self.probe_epochs = state["epochs"], state.get("probe_epochs")
 
 
 class NEReport(pl.Callback):
