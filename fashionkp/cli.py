@@ -91,6 +91,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     # int8: the file that was measured, unless told to calibrate a new one (whose NE nobody measured)
     told_to_calibrate = args.precision == "int8" and args.calibration_root
     measured_int8 = recorded_int8_file(record) if precision == "int8" and not told_to_calibrate else None
+    if precision == "int8" and args.precision == "auto" and not measured_int8 and args.calibration_root:
+        print("precision=auto: the measured int8 file is gone; a new one is calibrated (its NE was never measured)")
     if precision == "int8" and not (measured_int8 or args.calibration_root):
         raise UserError(f"fashionkp export: {args.checkpoint} has no measured int8 file (`fashionkp precision` makes "
                         "one); or give --precision int8 --calibration-root <a training split folder>")  # fmt: skip

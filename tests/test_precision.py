@@ -222,6 +222,12 @@ def test_export_writes_the_measured_choice_into_the_file(tiny_checkpoints, synth
     assert cli(["export", str(checkpoint), str(tmp_path / "gone.onnx")]) == 2
     assert "has no measured int8 file (`fashionkp precision` makes one)" in capsys.readouterr().err
     assert not (tmp_path / "gone.onnx").exists()
+    # ... unless calibration photos are given: a new int8 file, said to be unmeasured, with no figures
+    assert cli(["export", str(checkpoint), str(tmp_path / "gone.onnx"), "--calibration-root", str(synth_data["train"]),
+                "--calibration-images", "4"]) == 0  # fmt: skip
+    assert "the measured int8 file is gone; a new one is calibrated" in capsys.readouterr().out
+    assert _onnx_info(tmp_path / "gone.onnx")["precision"] == "int8"
+    assert _onnx_info(tmp_path / "gone.onnx")["precision_choice"] is None
     # where bf16 (PyTorch only) would be the fastest, the file holds the fastest ONNX precision within 0.1 points
     figures["bf16"]["ms_per_image"], figures["int8"]["ne"] = 2.0, 9.5
     record_path(checkpoint).write_text(json.dumps({**record, "choice": "bf16"}))
