@@ -28,6 +28,7 @@ from fashionkp.inference.precision import (  # noqa: E402
     describe_choice,
     onnxruntime_bf16_error,
     quantize_int8,
+    set_info,
 )
 from fashionkp.models import CPN, HeatmapModel, build_backbone  # noqa: E402
 
@@ -46,8 +47,7 @@ def export(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
     import onnx
 
     proto = onnx.load(str(path))  # quantize_int8 reads the input size from fashionkp's metadata
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "fashionkp", json.dumps({"input_size": x.shape[-1]})
+    set_info(proto, {"input_size": x.shape[-1]})
     onnx.save(proto, str(path))
     return path
 

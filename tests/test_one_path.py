@@ -19,6 +19,7 @@ from fashionkp.data.transforms import FILL_VALUE, apply_affine, letterbox_matrix
 from fashionkp.errors import ConfigError
 from fashionkp.evaluation.evaluate import evaluate
 from fashionkp.inference.checkpoint import load_checkpoint
+from fashionkp.inference.precision import read_info, set_info
 from fashionkp.inference.predictor import KeypointPredictor
 from fashionkp.training.train import train
 
@@ -63,11 +64,11 @@ def test_an_onnx_file_from_before_the_codec_still_loads(tiny_checkpoints, tmp_pa
 
     path = export_onnx(tiny_checkpoints["a"], tmp_path / "new.onnx")
     model = onnx.load(str(path))
-    info = json.loads(model.metadata_props[0].value)
+    info = read_info(model)
     old = {k: v for k, v in info.items() if k not in ("codec", "format")} | {
         "decode_sigma": info["codec"]["decode_sigma"]
     }
-    model.metadata_props[0].value = json.dumps(old)
+    set_info(model, old)
     onnx.save(model, str(tmp_path / "old.onnx"))
     runner = OnnxHeatmapRunner(tmp_path / "old.onnx")
     assert runner.codec == OnnxHeatmapRunner(path).codec.__class__(**{**info["codec"], "sigma": 2 * info["codec"][

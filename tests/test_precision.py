@@ -21,6 +21,7 @@ from fashionkp.inference.precision import (
     choose,
     cpu_features,
     onnxruntime_bf16_error,
+    read_info,
     record_path,
     usable,
 )
@@ -118,7 +119,7 @@ def test_int8_export_is_calibrated_qdq_with_per_channel_weights(tiny_checkpoints
     weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     weight_scales = [inits[n.input[1]] for n in weights if len(inits[n.input[0]].dims) == 4]
     assert weight_scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales)
-    info = json.loads({p.key: p.value for p in model.metadata_props}["fashionkp"])
+    info = read_info(model)
     assert info["precision"] == "int8" and info["calibration_photos"] == 12
     # The padding amounts of TF-style "same" padding are computed from shapes: quantized, they round to the wrong
     # whole pixels (the recipe's model lost 2.1 NE points), so no Q/DQ may sit on that arithmetic.
@@ -178,7 +179,7 @@ def test_int8_without_calibration_says_how_to_get_it(tiny_checkpoints):
 
 
 def _onnx_info(path) -> dict:
-    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["fashionkp"])
+    return read_info(onnx.load(str(path)))
 
 
 def test_export_writes_the_measured_choice_into_the_file(tiny_checkpoints, synth_data, tmp_path, capsys, caplog):

@@ -32,6 +32,7 @@ from conftest import ROOT, ServeProcess, compose_train
 from omegaconf import OmegaConf
 
 from fashionkp.data.keypoints import CATEGORIES, CATEGORY_KEYPOINTS
+from fashionkp.inference.precision import read_info
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -340,7 +341,7 @@ def fashionkp(ws: Workspace, text: str) -> None:
         assert len(read_submission(argv[-1])) == sum(map(len, parts))
     elif command == "export":
         model = onnx.load(str(ws.cwd / argv[2]))
-        info = json.loads({p.key: p.value for p in model.metadata_props}["fashionkp"])
+        info = read_info(model)
         choice = info["precision_choice"]  # the measurement behind precision=auto, where there is one
         if "--precision" in argv:
             assert info["precision"] == argv[argv.index("--precision") + 1]

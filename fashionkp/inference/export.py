@@ -3,7 +3,6 @@ dynamic (H and W multiples of 32), so multi-scale test runs through it too."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from fashionkp.inference.checkpoint import load_checkpoint
+from fashionkp.inference.precision import set_info
 from fashionkp.models import HeatmapModel
 
 #: Version of what `export_onnx` writes (2: the codec in the metadata; 3: the crop margin and the garment-type
@@ -48,7 +48,6 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
         "backbone": trained.model.backbone.name, "checkpoint": str(checkpoint), "mean_shape": mean_shape,
         "crop_margin": trained.crop_margin, "precision": "fp32",
     }  # fmt: skip
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "fashionkp", json.dumps(info)
+    set_info(proto, info)
     onnx.save(proto, str(out))
     return out

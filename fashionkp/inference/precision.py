@@ -122,7 +122,7 @@ def onnxruntime_bf16_error() -> str | None:
     try:
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own classes, whose names differ between versions
-        detail = str(e).splitlines()[0].rsplit("failed:", 1)[-1].strip()  # after onnxruntime's code and path
+        detail = str(e).splitlines()[0].rsplit("failed:", 1)[-1].strip()  # after the model path, where one is named
         return f"onnxruntime {ort.__version__} refuses a bf16 convolution on CPU: {detail}"
     return None
 

@@ -82,9 +82,7 @@ class FitEpochsToTime(pl.Callback):
         current one."""
         fit = max(trainer.current_epoch + 1, fit)
         if fit < (self.epochs or self._asked(trainer)):
-            self.epochs = fit
-            log.info("time budget: %d epochs fit in trainer.max_time; the LR schedule ends with them", fit)
-            self._apply(trainer)
+            self._plan(trainer, fit, "fit in trainer.max_time")
 
     def _give_back(self, trainer: pl.Trainer, fit: int) -> None:
         """Raise a cut to ``fit`` epochs (at most the probe's figure and the epochs asked) while the run is in its
@@ -93,9 +91,12 @@ class FitEpochsToTime(pl.Callback):
             return
         fit = min(fit, self.probe_epochs, self._asked(trainer))
         if fit >= self.epochs + 2:  # not for one epoch, which the next validation may take back
-            self.epochs = fit
-            log.info("time budget: epochs run faster again, %d epochs fit; the LR schedule ends with them", fit)
-            self._apply(trainer)
+            self._plan(trainer, fit, "fit again, epochs running faster")
+
+    def _plan(self, trainer: pl.Trainer, epochs: int, why: str) -> None:
+        self.epochs = epochs
+        log.info("time budget: %d epochs %s; the LR schedule ends with them", epochs, why)
+        self._apply(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.epochs is not None and self._timer(trainer) is not None:  # resumed: the cut made before
