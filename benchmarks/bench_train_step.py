@@ -1,5 +1,6 @@
 """Seconds per CPU training step (batch 16, forward + backward + AdamW) of the CPN: fp32 eager, fp32
-channels_last and bf16 autocast (trainer.precision=bf16-mixed) with channels_last.
+channels_last, bf16 autocast (trainer.precision=bf16-mixed) with channels_last, and the same with the depthwise
+convolutions in fp32 ("fp32-dw": model.train_depthwise_in_fp32, the default).
 
 python benchmarks/bench_train_step.py [--quick] [--backbones resnet50]
 """
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import median_seconds, print_table  # noqa: E402
 
 from fashionkp.inference.precision import cpu_features  # noqa: E402
-from fashionkp.models import CPN, build_backbone  # noqa: E402
+from fashionkp.models import CPN, build_backbone, make_depthwise_train_in_fp32  # noqa: E402
 from fashionkp.training.losses import CPNLoss  # noqa: E402
 
 # conf/model/cpn.yaml's loss (the defaults of the former LossConfig) on every row, as before, so the figures
@@ -25,10 +26,19 @@ LOSS = CPNLoss(pos_weight=20.0, ohkm_ratio=0.5, global_all_levels=True, global_w
 
 
 def step_seconds(
-    backbone: str, size: int, width: int, channels_last: bool, batch: int, repeats: int, bf16: bool = False
+    backbone: str,
+    size: int,
+    width: int,
+    channels_last: bool,
+    batch: int,
+    repeats: int,
+    bf16: bool = False,
+    depthwise_fp32: bool = False,
 ) -> float:
     torch.manual_seed(0)
     model = CPN(build_backbone(backbone), num_keypoints=24, width=width)
+    if depthwise_fp32:
+        make_depthwise_train_in_fp32(model)
     x = torch.rand(batch, 3, size, size) * 255
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -71,13 +81,15 @@ def main() -> None:
         eager = step_seconds(backbone, size, width, False, args.batch, repeats)
         fast = step_seconds(backbone, size, width, True, args.batch, repeats)
         bf16 = step_seconds(backbone, size, width, True, args.batch, repeats, bf16=True)
+        mixed = step_seconds(backbone, size, width, True, args.batch, repeats, bf16=True, depthwise_fp32=True)
         rows.append({"backbone": backbone, "input": size, "head width": width, "eager s/step": f"{eager:.2f}",
                      "channels_last s/step": f"{fast:.2f}", "ratio": f"{fast / eager:.2f}",
-                     "bf16 channels_last s/step": f"{bf16:.2f}", "bf16 speed-up": f"{fast / bf16:.2f}x"})  # fmt: skip
+                     "bf16 channels_last s/step": f"{bf16:.2f}", "bf16 speed-up": f"{fast / bf16:.2f}x",
+                     "bf16 fp32-dw s/step": f"{mixed:.2f}", "fp32-dw speed-up": f"{fast / mixed:.2f}x"})  # fmt: skip
     print(f"CPU training step ({cpu_features().describe()}), batch {args.batch}, {args.threads} threads, "
-          f"median of {repeats}; bf16 speed-up = fp32 channels_last time / bf16 channels_last time")  # fmt: skip
+          f"median of {repeats}; speed-up = fp32 channels_last time / the column's time")  # fmt: skip
     columns = ["backbone", "input", "head width", "eager s/step", "channels_last s/step", "ratio",
-               "bf16 channels_last s/step", "bf16 speed-up"]  # fmt: skip
+               "bf16 channels_last s/step", "bf16 speed-up", "bf16 fp32-dw s/step", "fp32-dw speed-up"]  # fmt: skip
     print_table(rows, columns)
 
 

@@ -1,6 +1,6 @@
-"""Latency per photo of the two-pass predictor beside one pass: the CPU default path (onnxruntime, fp32),
-batch 1, 2 threads, flip test on, from the decoded photo to its points (warping, both network passes,
-decoding), medians over the photos.
+"""Latency per photo of the two-pass predictor beside one pass, at one test scale and at the model's own
+(``model.test_scales``): the CPU default path (onnxruntime, fp32), batch 1, 2 threads, flip test on, from the
+decoded photo to its points (warping, every network pass, decoding), medians over the photos.
 
     python benchmarks/bench_two_pass.py [CHECKPOINT] [--photos DIR] [--n 40] [--quick]
 
@@ -68,20 +68,24 @@ def main() -> None:
         torch.hub.set_dir(tmp)  # the ONNX exports the predictor caches go with the folder
         checkpoint = args.checkpoint or recipe_checkpoint(Path(tmp))
         images = photos(args.photos, 8 if args.quick else args.n)
-        rows, medians = [], {}
-        for two_pass in (False, True):
+        rows, one_pass = [], None
+        # (two passes, test scales): None is the model's own
+        for two_pass, scales in ((False, [1.0]), (True, [1.0]), (True, None)):
             predictor = KeypointPredictor([checkpoint], device="cpu", backend="onnx", onnx_threads=2,
-                                          precision="fp32", two_pass=two_pass)  # fmt: skip
+                                          precision="fp32", two_pass=two_pass, scales=scales)  # fmt: skip
             predictor.predict(*images[0])  # warm-up: the export to the cache, first-call allocations
             times = []
             for image, category in images:
                 start = time.perf_counter()
                 predictor.predict(image, category)
                 times.append(time.perf_counter() - start)
-            medians[two_pass] = statistics.median(times)
-            rows.append({"predictor": "two passes (crop)" if two_pass else "one pass",
-                         "ms per photo (median)": f"{1000 * medians[two_pass]:.1f}",
-                         "x one pass": f"{medians[two_pass] / medians[False]:.2f}"})  # fmt: skip
+            median = statistics.median(times)
+            one_pass = one_pass or median
+            name = "two passes (crop)" if two_pass else "one pass"
+            rows.append({"predictor": f"{name}, test scales {'/'.join(map(str, predictor.scales))}"
+                                      f"{' (the model' + chr(39) + 's)' if scales is None else ''}",
+                         "ms per photo (median)": f"{1000 * median:.1f}",
+                         "x one pass": f"{median / one_pass:.2f}"})  # fmt: skip
     print_table(rows, ["predictor", "ms per photo (median)", "x one pass"])
 
 

@@ -14,11 +14,11 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from fashionkp.config import as_list
+from fashionkp.config import as_list, validation_needs_photos
 from fashionkp.data.codec import DECODERS
 from fashionkp.data.fashionai import MISSING_IMAGE_MODES
 from fashionkp.data.keypoints import CATEGORIES
-from fashionkp.data.transforms import check_crop_margin
+from fashionkp.data.transforms import check_crop_margin, input_size_at
 from fashionkp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ def check_train_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not value > 0:
             raise ConfigError(key, value, "must be positive")
+    test_scales = as_list(cfg.model.test_scales)
+    check_scales("model.test_scales", test_scales)
+    if resolution not in [input_size_at(resolution, s) for s in test_scales]:
+        # the validation loss is computed at the input size the model trains at
+        raise ConfigError("model.test_scales", test_scales, f"none runs the model at its input size {resolution}",
+                          "include 1.0, e.g. [0.9,1.0,1.1]")  # fmt: skip
     check_two_passes(cfg)
     fraction = cfg.data.val_fraction
     if not cfg.data.get("val_root") and not 0 < fraction < 1:
@@ -86,10 +92,12 @@ def check_two_passes(cfg: DictConfig) -> None:
             raise ConfigError("augmentation.crop_jitter", augmentation.crop_jitter, "must not be negative")
     if cfg.model.get("two_pass"):
         check_crop_margin("model.crop_margin", cfg.model.crop_margin)
-        if not cfg.data.get("keep_val_photos"):
-            raise ConfigError(
-                "data.keep_val_photos", False, "model.two_pass validates on crops of the photos themselves"
-            )
+    if validation_needs_photos(cfg.model.get("two_pass"), cfg.model.test_scales) and not cfg.data.get(
+        "keep_val_photos"
+    ):
+        raise ConfigError(
+            "data.keep_val_photos", False, "a crop pass or other test scales validate on the photos themselves"
+        )
         if augmentation is None or not augmentation.get("crop"):
             log.warning("model.two_pass without crop samples (augmentation.crop=0): the crop pass sees garments "
                         "larger than the model was trained on")  # fmt: skip
@@ -192,8 +200,13 @@ def check_inference_config(cfg: DictConfig) -> None:
     if cfg.get("calibration_root"):
         check_data_root(as_list(cfg.calibration_root), "calibration_root")
     # decoder, backend, precision and ensemble weights: checked by KeypointPredictor, for the Python API too
-    # crop_scales=null: the crop pass uses the first pass's scales
-    for key in ("scales", "crop_scales") if cfg.get("crop_scales") is not None else ("scales",):
-        scales = as_list(cfg[key])
-        if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
-            raise ConfigError(key, scales, "must be a list of positive factors", "e.g. [1.0] or [1.0,1.25]")
+    # scales=null: the model's own; crop_scales=null: the first pass's
+    for key in ("scales", "crop_scales"):
+        if cfg.get(key) is not None:
+            check_scales(key, as_list(cfg[key]))
+
+
+def check_scales(key: str, scales: list) -> None:
+    """Test scales: a non-empty list of positive factors."""
+    if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+        raise ConfigError(key, scales, "must be a list of positive factors", "e.g. [1.0] or [1.0,1.25]")

@@ -24,11 +24,20 @@ def short_dirname(name: str) -> str:
 
 def register_resolvers() -> None:
     """``${fkp_div:a,b}`` = a / b (e.g. the heatmap sigma from the input resolution); ``${fkp_short:name}``
-    a folder name kept short (:func:`short_dirname`)."""
+    a folder name kept short (:func:`short_dirname`); ``${fkp_val_photos:two_pass,test_scales}``: see
+    :func:`validation_needs_photos`."""
     if not OmegaConf.has_resolver("fkp_div"):
         OmegaConf.register_new_resolver("fkp_div", lambda a, b: float(a) / float(b))
     if not OmegaConf.has_resolver("fkp_short"):
         OmegaConf.register_new_resolver("fkp_short", lambda name: short_dirname(str(name)))
+    if not OmegaConf.has_resolver("fkp_val_photos"):
+        OmegaConf.register_new_resolver("fkp_val_photos", validation_needs_photos)
+
+
+def validation_needs_photos(two_pass: bool, test_scales) -> bool:
+    """Whether validation needs the photos themselves: a crop pass, or test scales other than the input size,
+    warp their inputs from them."""
+    return bool(two_pass) or any(float(s) != 1.0 for s in as_list(test_scales))
 
 
 def as_list(value) -> list:

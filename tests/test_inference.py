@@ -128,6 +128,32 @@ def test_onnx_export_matches_pytorch(tiny_checkpoints, synth_data, tmp_path):
                        atol=0.05, equal_nan=True)  # fmt: skip
 
 
+def test_a_model_is_predicted_at_the_test_scales_it_was_trained_with(tiny_checkpoints, synth_data, tmp_path):
+    """model.test_scales travel in the checkpoint and in its ONNX export: predicting without scales= uses them
+    (the same points as telling them), and scales= still wins."""
+    pytest.importorskip("onnxruntime")
+    from fashionkp.data.images import load_image
+    from fashionkp.inference.export import export_onnx
+
+    ckpt = torch.load(tiny_checkpoints["a"], map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["test_scales"] = [0.5, 1.0, 1.5]
+    scaled = tmp_path / "scaled.ckpt"
+    torch.save(ckpt, scaled)
+    records = read_csv(synth_data["answers"])[:6]
+    imgs, cats = [load_image(r.image_path) for r in records], [r.category for r in records]
+    told = KeypointPredictor([tiny_checkpoints["a"]], device="cpu", backend="torch", scales=[0.5, 1.0, 1.5])
+    own = KeypointPredictor([scaled], device="cpu", backend="torch")
+    assert own.scales == own.crop_scales == (0.5, 1.0, 1.5)
+    np.testing.assert_array_equal(own.predict_batch(imgs, cats), told.predict_batch(imgs, cats))
+    one = KeypointPredictor([scaled], device="cpu", backend="torch", scales=[1.0])
+    assert one.scales == (1.0,)
+    assert not np.allclose(one.predict_batch(imgs, cats), own.predict_batch(imgs, cats), equal_nan=True)
+    exported = KeypointPredictor([export_onnx(scaled, tmp_path / "scaled.onnx")])
+    assert exported.scales == (0.5, 1.0, 1.5)
+    assert np.allclose(exported.predict_batch(imgs, cats)[..., :2], own.predict_batch(imgs, cats)[..., :2],
+                       atol=0.05, equal_nan=True)  # fmt: skip
+
+
 def test_bad_inputs_are_reported_not_fatal(tiny_checkpoints, synth_data, tmp_path):
     broken = tmp_path / "split"
     broken.mkdir()

@@ -1,7 +1,11 @@
+import copy
+import pickle
+
 import pytest
 import torch
+from torch import nn
 
-from fashionkp.models import CPN, build_backbone
+from fashionkp.models import CPN, build_backbone, make_depthwise_train_in_fp32
 from fashionkp.models.backbone import WeightsUnavailableError, offline_weights_file
 from fashionkp.training.losses import CPNLoss, ohkm
 
@@ -82,3 +86,36 @@ def test_loss_masks_absent_points_and_supervises_every_level():
     assert not torch.allclose(finest["global"], masked["global"])
     masked["loss"].backward()
     assert all(p.grad is not None for p in model.global_net.predictors[3].parameters())
+
+
+def test_depthwise_convolutions_train_in_fp32_under_cpu_bf16_autocast():
+    """oneDNN's bf16 backward of a depthwise convolution is slow on CPUs: while the model trains under CPU
+    autocast those layers compute in fp32 (the numbers of an fp32 layer, gradients included); in eval mode (bf16
+    inference) they stay bf16; the state dict and copies are unaffected."""
+    torch.manual_seed(0)
+    model = CPN(build_backbone("tf_efficientnet_lite0"), num_keypoints=24, width=16)
+    keys = list(model.state_dict())
+    assert make_depthwise_train_in_fp32(model) == 16
+    assert make_depthwise_train_in_fp32(model) == 16  # a second call does not wrap twice
+    assert list(model.state_dict()) == keys
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1)
+    x = torch.randn(2, conv.in_channels, 12, 12, requires_grad=True)
+    reference = type(conv).forward(conv, x)
+    (ref_x, ref_w) = torch.autograd.grad(reference.square().sum(), (x, conv.weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = conv(x)
+    assert trained.dtype == torch.float32
+    torch.testing.assert_close(trained, reference, rtol=0, atol=0)
+    grad_x, grad_w = torch.autograd.grad(trained.square().sum(), (x, conv.weight))
+    torch.testing.assert_close(grad_x, ref_x, rtol=0, atol=0)
+    torch.testing.assert_close(grad_w, ref_w, rtol=0, atol=0)
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    model.train()
+    # copies (deepcopy, and pickling as DDP spawn does) compute with their own weights, still in fp32
+    for twin in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+        with torch.no_grad():
+            twin.weight.add_(1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert twin(x).dtype == torch.float32 and not torch.allclose(twin(x), conv(x))

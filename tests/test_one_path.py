@@ -28,13 +28,16 @@ PACKAGE = ROOT / "fashionkp"
 CLI_MODULES = {"fashionkp.commands", "fashionkp.cli", "fashionkp.demo"}
 
 
-@pytest.mark.parametrize("two_pass", [False, True])
-def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pass):
+@pytest.mark.parametrize(
+    ("two_pass", "test_scales"), [(False, [1.0]), (True, [1.0]), (False, [0.5, 1.0, 1.5]), (True, [0.5, 1.0, 1.5])]
+)
+def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pass, test_scales):
     """The NE that selects checkpoints is the deployed predictor's: both score the whole-pixel points a submission
-    holds (rounded half to even), through the same KeypointPredictor, on the same split; with two passes too
-    (evaluate.py follows the checkpoint's model.two_pass), and the type head's confusion matrix is the same."""
+    holds (rounded half to even), through the same KeypointPredictor, on the same split; with two passes and test
+    scales too (evaluate.py follows the checkpoint's model.two_pass and model.test_scales), and the type head's
+    confusion matrix is the same."""
     run = tmp_path / "run"
-    passes = [f"model.two_pass={two_pass}", "augmentation.crop=0.5"]
+    passes = [f"model.two_pass={two_pass}", "augmentation.crop=0.5", f"model.test_scales={test_scales}"]
     cfg = compose_train([*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=1",
                          "validate_best=true", "data.val_fraction=0.3", *passes], run)  # fmt: skip
     result = train(cfg)
@@ -52,7 +55,9 @@ def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pas
     assert scored["per_keypoint"] == pytest.approx(best["per_keypoint"], rel=1e-6, abs=1e-9)
     assert result["best_val_ne"] == pytest.approx(scored["ne"], rel=1e-6)
     assert load_checkpoint(result["best_checkpoint"]).crop_margin == (0.15 if two_pass else None)
+    assert load_checkpoint(result["best_checkpoint"]).scales == tuple(test_scales)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["scales"] == test_scales and metrics["crop_scales"] == (test_scales if two_pass else None)
     assert metrics["garment_types"] == best["garment_types"]
     assert result["best_type_accuracy"] == best["garment_types"]["accuracy"]
 
@@ -65,12 +70,13 @@ def test_an_onnx_file_from_before_the_codec_still_loads(tiny_checkpoints, tmp_pa
     path = export_onnx(tiny_checkpoints["a"], tmp_path / "new.onnx")
     model = onnx.load(str(path))
     info = read_info(model)
-    old = {k: v for k, v in info.items() if k not in ("codec", "format")} | {
+    old = {k: v for k, v in info.items() if k not in ("codec", "format", "test_scales")} | {
         "decode_sigma": info["codec"]["decode_sigma"]
     }
     set_info(model, old)
     onnx.save(model, str(tmp_path / "old.onnx"))
     runner = OnnxHeatmapRunner(tmp_path / "old.onnx")
+    assert runner.scales == (1.0,)  # files from before test scales were saved: one scale, as they were used
     assert runner.codec == OnnxHeatmapRunner(path).codec.__class__(**{**info["codec"], "sigma": 2 * info["codec"][
         "decode_sigma"], "global_sigma": 2 * info["codec"]["decode_sigma"]})  # fmt: skip
 
@@ -81,13 +87,14 @@ def test_a_checkpoint_from_before_the_codec_still_loads(tiny_checkpoints, synth_
     ckpt = torch.load(tiny_checkpoints["a"], map_location="cpu", weights_only=False)
     hp = dict(ckpt["hyper_parameters"])
     codec = hp.pop("codec")
+    hp.pop("test_scales")
     hp.update(decoder="seed", decode_sigma=codec["decode_sigma"])  # the old layout and the old decoder name
     ckpt["hyper_parameters"] = hp
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)
     trained = load_checkpoint(old)
     assert trained.codec.decoder == "quarter_offset" and trained.codec.decode_sigma == codec["decode_sigma"]
-    assert trained.codec.stride == 4
+    assert trained.codec.stride == 4 and trained.scales == (1.0,)
     image = np.asarray(
         __import__("fashionkp.data.images", fromlist=["load_image"]).load_image(
             next((synth_data["train"] / "Images" / "dress").glob("*.jpg"))
@@ -198,7 +205,7 @@ class CoordinateOracle:
         self.points, self.clothes, self.input_size, self.types = photo_points, "all", input_size, types
         self.codec = HeatmapCodec(stride=4, sigma=2.0, global_sigma=2.0, decoder="dark", decode_sigma=1.0,
                                   include_occluded=True)  # fmt: skip
-        self.mean_shape, self.path, self.crop_margin = None, "<oracle>", None
+        self.mean_shape, self.path, self.crop_margin, self.scales = None, "<oracle>", None, (1.0,)
         self.has_type_head = types is not None
         self.frames: list[np.ndarray] = []
 

@@ -50,6 +50,15 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
             "model.two_pass=true model.crop_margin=5",
             "model.crop_margin=5: the crop margin is a fraction of the box's side, in [0, 2]",
         ),
+        ("model.test_scales=[0]", "model.test_scales=[0]: must be a list of positive factors"),
+        (
+            "resolution=256 model.test_scales=[1.25]",
+            "model.test_scales=[1.25]: none runs the model at its input size 256",
+        ),
+        (
+            "model.test_scales=[0.9,1.0] data.keep_val_photos=false",
+            "data.keep_val_photos=False: a crop pass or other test scales validate on the photos themselves",
+        ),
     ],
 )
 def test_training_config_mistakes_get_one_line(override, line, synth_data, tmp_path, monkeypatch, capsys):

@@ -33,6 +33,11 @@ def frame_matrix(frame: np.ndarray | tuple[float, float, float], size: int) -> n
     return np.array([[s, 0.0, -s * left - 0.5], [0.0, s, -s * top - 0.5]])
 
 
+def input_size_at(input_size: int, scale: float) -> int:
+    """A model's input side at a test scale: the nearest multiple of 32 (at least 32)."""
+    return max(32, int(round(input_size * scale / 32)) * 32)
+
+
 def letterbox_frame(height: int, width: int) -> tuple[float, float, float]:
     """The square of a photo that the whole-photo input shows: its long side, from the top-left corner."""
     return (-0.5, -0.5, float(max(height, width)))

@@ -92,7 +92,8 @@ def _measure(checkpoint, roots, val_fraction, val_salt, calibration_images, val_
     record = {
         "checkpoint": str(checkpoint), "checkpoint_size": Path(checkpoint).stat().st_size,
         "choice": choose(figures), "tolerance_points": NE_TOLERANCE, "figures": figures,
-        "validation_images": len(val), "calibration_photos": len(photos), "threads": threads,
+        "validation_images": len(val), "test_scales": list(trained.scales), "two_pass": trained.crop_margin is not None,
+        "calibration_photos": len(photos), "threads": threads,
         "cpu": cpu_features().describe(), "int8_onnx": str(int8_file), "int8_scheme": INT8_SCHEME, "unit": "%",
     }  # fmt: skip
     record_path(checkpoint).write_text(json.dumps(record, indent=2))

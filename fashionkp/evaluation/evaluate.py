@@ -61,15 +61,14 @@ def type_report(records: list[Record], probabilities: np.ndarray | None) -> dict
 
 
 def write_outputs(cfg: DictConfig, out_dir: Path, records: list[Record], pred: np.ndarray, result: NEResult,
-                  failures: list[str], decoders: list[str], types: dict | None) -> None:  # fmt: skip
-    """metrics.json, the per-keypoint bar chart, the predictions as a submission, the split as a test list
-    with its answers, and drawings of the worst images."""
+                  failures: list[str], setup: dict, types: dict | None) -> None:  # fmt: skip
+    """metrics.json (with ``setup``: how the predictor ran), the per-keypoint bar chart, the predictions as a
+    submission, the split as a test list with its answers, and drawings of the worst images."""
     cats = [r.category for r in records]
     fine = as_list(cfg.get("fine_checkpoints")) or None
     payload = {"checkpoints": as_list(cfg.checkpoints), "fine_checkpoints": fine, "split": cfg.split,
                "root": as_list(cfg.data.root),
-               "images": len(records), "failed": failures, "flip_test": cfg.flip_test, "decoders": decoders,
-               "scales": as_list(cfg.scales), "crop_scales": as_list(cfg.crop_scales) or None,
+               "images": len(records), "failed": failures, "flip_test": cfg.flip_test, **setup,
                "rounded": bool(cfg.round), "given_types": bool(cfg.given_types),
                **result.as_dict(), **({"garment_types": types} if types else {})}  # fmt: skip
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
@@ -125,7 +124,12 @@ def evaluate(cfg: DictConfig) -> NEResult:
         print(f"garment types told by the model: {types['accuracy']:.2f}% right on {types['images']} images "
               f"({'given to the predictor' if cfg.given_types else 'used for the points'})")  # fmt: skip
     print("per keypoint: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result.per_keypoint.items()))
-    decoders = sorted({predictor.codec_of(m).decoder for m in [*predictor.members, *predictor.fine_members]})
-    write_outputs(cfg, out_dir, records, pred, result, run.failures, decoders, types)
+    two_pass = predictor.crop_margin is not None
+    setup = {
+        "decoders": sorted({predictor.codec_of(m).decoder for m in [*predictor.members, *predictor.fine_members]}),
+        "scales": list(predictor.scales),
+        "crop_scales": list(predictor.crop_scales) if two_pass else None,
+    }
+    write_outputs(cfg, out_dir, records, pred, result, run.failures, setup, types)
     log.info("NE %.4f%% on %d images -> %s", 100 * result.ne, len(records), out_dir)
     return result

@@ -27,6 +27,15 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
+#: The test scales of models saved before ``model.test_scales`` was: the one they were used at.
+DEFAULT_TEST_SCALES = (1.0,)
+
+
+def test_scales_of(saved: dict) -> tuple[float, ...]:
+    """The test scales a checkpoint's hyper-parameters or an ONNX file's metadata hold (``test_scales``)."""
+    return tuple(float(s) for s in saved.get("test_scales") or DEFAULT_TEST_SCALES)
+
+
 @dataclass
 class TrainedModel:
     """What inference needs of a checkpoint."""
@@ -40,6 +49,8 @@ class TrainedModel:
     path: str
     #: The margin of the crop pass when the model was trained to predict in two passes, else None.
     crop_margin: float | None = None
+    #: The test scales the model is predicted at unless told otherwise (``model.test_scales``).
+    scales: tuple[float, ...] = DEFAULT_TEST_SCALES
 
 
 def build_codec(codec: dict[str, Any], stride: int) -> HeatmapCodec:
@@ -106,5 +117,12 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     mean_shape = np.asarray(ckpt["mean_shape"], dtype=np.float64) if "mean_shape" in ckpt else None
     crop_margin = float(hparams["crop_margin"]) if hparams.get("two_pass") else None
     return TrainedModel(
-        model.eval(), codec, hparams["clothes"], hparams["input_size"], mean_shape, str(path), crop_margin
+        model.eval(),
+        codec,
+        hparams["clothes"],
+        hparams["input_size"],
+        mean_shape,
+        str(path),
+        crop_margin,
+        scales=test_scales_of(hparams),
     )

@@ -46,7 +46,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
         "format": EXPORT_FORMAT, "clothes": trained.clothes, "input_size": trained.input_size,
         "codec": trained.codec.config(),
         "backbone": trained.model.backbone.name, "checkpoint": str(checkpoint), "mean_shape": mean_shape,
-        "crop_margin": trained.crop_margin, "precision": "fp32",
+        "crop_margin": trained.crop_margin, "test_scales": list(trained.scales), "precision": "fp32",
     }  # fmt: skip
     set_info(proto, info)
     onnx.save(proto, str(out))

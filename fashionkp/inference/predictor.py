@@ -42,6 +42,7 @@ from fashionkp.data.transforms import (
     check_crop_margin,
     crop_frame,
     frame_matrix,
+    input_size_at,
     invert_affine,
     letterbox_frame,
     warp_image,
@@ -52,6 +53,7 @@ from fashionkp.inference.checkpoint import (
     TrainedModel,
     build_codec,
     load_checkpoint,
+    test_scales_of,
     upgrade_hparams,
 )
 from fashionkp.inference.export import EXPORT_FORMAT, export_onnx
@@ -98,6 +100,7 @@ class TorchHeatmapRunner:
         self.device = device
         self.clothes, self.input_size, self.codec = trained.clothes, trained.input_size, trained.codec
         self.mean_shape, self.path, self.crop_margin = trained.mean_shape, trained.path, trained.crop_margin
+        self.scales = trained.scales
         self.has_type_head = trained.model.type_head is not None
         self.channels_last, self.bf16 = channels_last, bf16
         self.precision = "bf16" if bf16 else "fp32"
@@ -145,6 +148,7 @@ class OnnxHeatmapRunner:
         self.codec = build_codec(codec, codec.get("stride", 4))
         self.mean_shape = np.asarray(info["mean_shape"], dtype=np.float64) if info.get("mean_shape") else None
         self.crop_margin = info.get("crop_margin")
+        self.scales = test_scales_of(info)
         if info.get("precision_choice"):
             log.info("%s: %s", Path(path).name, describe_choice(info["precision_choice"], self.precision))
         opts = ort.SessionOptions()
@@ -302,11 +306,6 @@ class Predictions:
     predicted: list[bool]
 
 
-def input_size_at(input_size: int, scale: float) -> int:
-    """A model's input side at a test scale: the nearest multiple of 32 (at least 32)."""
-    return max(32, int(round(input_size * scale / 32)) * 32)
-
-
 def _mirror(inputs: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     return inputs.flip(-1) if isinstance(inputs, torch.Tensor) else np.ascontiguousarray(inputs[..., ::-1])
 
@@ -318,8 +317,10 @@ class KeypointPredictor:
     members' weights; a ``clothes=all`` model serves every category. Models may differ in backbone and
     input size: the top-left letterbox frame is the same square at every size, so the grids align.
     ``checkpoints`` are files (``.ckpt`` or exported ``.onnx``) or runners of models already in memory.
-    ``decoder`` and ``decode_sigma`` replace the models' own codec settings when given. ``fine_checkpoints``
-    (with ``fine_weights``): dedicated models for the crop pass; without them the crop pass runs ``checkpoints``.
+    ``scales``: test scales, by default those the first model was trained to be predicted at
+    (``model.test_scales``). ``decoder`` and ``decode_sigma`` replace the models' own codec settings when given.
+    ``fine_checkpoints`` (with ``fine_weights``): dedicated models for the crop pass; without them the crop pass
+    runs ``checkpoints``.
     """
 
     def __init__(
@@ -328,7 +329,7 @@ class KeypointPredictor:
         weights: Sequence[float] | None = None,
         device: str = "auto",
         flip_test: bool = True,
-        scales: Sequence[float] = (1.0,),
+        scales: Sequence[float] | None = None,
         decoder: str | None = None,
         decode_sigma: float | None = None,
         channels_last: bool | None = None,
@@ -387,7 +388,12 @@ class KeypointPredictor:
         self.members = load("checkpoints", checkpoints, weights)
         #: The crop pass's models: dedicated fine models where given, else the first pass's.
         self.fine_members = load("fine_checkpoints", as_list(fine_checkpoints), fine_weights) or self.members
-        self.flip_test, self.scales = flip_test, tuple(scales)
+        self.flip_test = flip_test
+        #: The test scales: as the first pass's first model was trained to be predicted unless told.
+        self.scales = tuple(scales) if scales is not None else self.members[0].runner.scales
+        if scales is None and len({m.runner.scales for m in [*self.members, *self.fine_members]}) > 1:
+            log.warning("the models were trained with different test scales: all run at the first one's, %s "
+                        "(scales= sets them)", list(self.scales))  # fmt: skip
         #: The crop pass's test scales (the first pass's unless told): above 1 it sees the garment larger.
         self.crop_scales = tuple(crop_scales) if crop_scales else self.scales
         self.decoder, self.decode_sigma = decoder, decode_sigma
@@ -681,12 +687,13 @@ def predictor_from_cfg(cfg: DictConfig) -> KeypointPredictor:
     photos = calibration_photos(roots, cfg.calibration_images) if roots and cfg.precision in ("int8", "auto") else ()
     predictor = KeypointPredictor(
         as_list(cfg.checkpoints), weights=as_list(cfg.get("weights")) or None, device=cfg.device,
-        flip_test=cfg.flip_test, scales=as_list(cfg.scales), decoder=cfg.decoder,
+        flip_test=cfg.flip_test, scales=as_list(cfg.scales) or None, decoder=cfg.decoder,
         channels_last=cfg.get("channels_last"), backend=cfg.get("backend", "auto"), precision=cfg.precision,
         calibration=photos, two_pass=cfg.two_pass, crop_margin=cfg.crop_margin,
         crop_scales=as_list(cfg.get("crop_scales")) or None, fine_checkpoints=as_list(cfg.get("fine_checkpoints")),
         fine_weights=as_list(cfg.get("fine_weights")) or None,
     )  # fmt: skip
+    log.info("test scales %s%s", list(predictor.scales), "" if cfg.scales else " (the model's own)")
     if predictor.crop_margin is not None:
         fine = predictor.model_names_of(predictor.fine_members) if cfg.get("fine_checkpoints") else None
         log.info("two passes: the second on a crop around the first's points, margin %.2f%s", predictor.crop_margin,

@@ -12,13 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from fashionkp.config import as_list
 from fashionkp.data.fashionai import as_submitted
 from fashionkp.data.keypoints import ALL, CATEGORIES, check_category
 from fashionkp.errors import UserError
 from fashionkp.evaluation.metric import NormalizedError, garment_type_report
 from fashionkp.inference.checkpoint import CheckpointError, TrainedModel, build_model
 from fashionkp.inference.predictor import KeypointPredictor, PhotoBatch, TorchHeatmapRunner
-from fashionkp.models import CPNOutput
+from fashionkp.models import CPNOutput, make_depthwise_train_in_fp32
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -30,14 +31,15 @@ def _plain(value: Any) -> Any:
 
 
 class _ValidationRunner(TorchHeatmapRunner):
-    """The predictor's runner over the network in training. It keeps the full output of its first pass (the
-    whole batch, not mirrored), so that the validation loss needs no forward pass of its own."""
+    """The predictor's runner over the network in training. It keeps the full output of its first pass at the
+    training input size (the whole batch, not mirrored), so that the validation loss needs no forward pass of
+    its own."""
 
     first_output: CPNOutput | None = None
 
     def network(self, x: torch.Tensor) -> CPNOutput:
         output = self.model(x)
-        if self.first_output is None:
+        if self.first_output is None and x.shape[-1] == self.input_size:  # not another test scale's
             self.first_output = output
         return output
 
@@ -57,21 +59,27 @@ class CPNModule(pl.LightningModule):
         scheduler_interval: str,
         flip_test: bool,
         channels_last: bool,
+        train_depthwise_in_fp32: bool,
         type_head: bool,
         two_pass: bool,
         crop_margin: float,
+        test_scales: list[float],
     ) -> None:
         super().__init__()
         hparams = dict(
             clothes=check_category(clothes, allow_all=True), backbone=backbone, input_size=input_size, width=width,
             refine_upsample=refine_upsample, codec=codec, loss=loss, optimizer=optimizer, scheduler=scheduler,
             scheduler_interval=scheduler_interval, flip_test=flip_test, channels_last=channels_last,
+            train_depthwise_in_fp32=train_depthwise_in_fp32,
             type_head=type_head, two_pass=two_pass, crop_margin=crop_margin,
+            test_scales=[float(s) for s in as_list(test_scales)],
         )  # fmt: skip
         self.save_hyperparameters({k: _plain(v) for k, v in hparams.items()})
         self.model, self.codec = build_model(self.hparams)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if train_depthwise_in_fp32:
+            make_depthwise_train_in_fp32(self.model)
         self.loss = instantiate(self.hparams.loss)
         self.val_ne = NormalizedError()
         self.val_types = MulticlassConfusionMatrix(len(CATEGORIES)) if self.model.type_head is not None else None
@@ -84,10 +92,12 @@ class CPNModule(pl.LightningModule):
         return self.model(images)
 
     def predictor(self) -> tuple[KeypointPredictor, _ValidationRunner]:
-        """The deployed predictor over the network in training (flip test as configured, the codec's decoder)."""
+        """The deployed predictor over the network in training (flip test and test scales as configured, the codec's
+        decoder)."""
         hp = self.hparams
         crop_margin = hp.crop_margin if hp.two_pass else None
-        trained = TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>", crop_margin)
+        trained = TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>",
+                               crop_margin=crop_margin, scales=tuple(hp.test_scales))  # fmt: skip
         runner = _ValidationRunner(trained, channels_last=hp.channels_last)
         return KeypointPredictor([runner], flip_test=hp.flip_test), runner
 
