@@ -92,15 +92,14 @@ def check_two_passes(cfg: DictConfig) -> None:
             raise ConfigError("augmentation.crop_jitter", augmentation.crop_jitter, "must not be negative")
     if cfg.model.get("two_pass"):
         check_crop_margin("model.crop_margin", cfg.model.crop_margin)
-    if validation_needs_photos(cfg.model.get("two_pass"), cfg.model.test_scales) and not cfg.data.get(
-        "keep_val_photos"
-    ):
-        raise ConfigError(
-            "data.keep_val_photos", False, "a crop pass or other test scales validate on the photos themselves"
-        )
         if augmentation is None or not augmentation.get("crop"):
             log.warning("model.two_pass without crop samples (augmentation.crop=0): the crop pass sees garments "
                         "larger than the model was trained on")  # fmt: skip
+    needs_photos = validation_needs_photos(cfg.model.get("two_pass"), cfg.model.test_scales)
+    if needs_photos and not cfg.data.get("keep_val_photos"):
+        raise ConfigError(
+            "data.keep_val_photos", False, "a crop pass or other test scales validate on the photos themselves"
+        )
 
 
 def check_backbone(backbone: DictConfig) -> None:

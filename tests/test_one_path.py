@@ -205,7 +205,7 @@ class CoordinateOracle:
         self.points, self.clothes, self.input_size, self.types = photo_points, "all", input_size, types
         self.codec = HeatmapCodec(stride=4, sigma=2.0, global_sigma=2.0, decoder="dark", decode_sigma=1.0,
                                   include_occluded=True)  # fmt: skip
-        self.mean_shape, self.path, self.crop_margin, self.scales = None, "<oracle>", None, (1.0,)
+        self.mean_shape, self.path, self.crop_margin = None, "<oracle>", None
         self.has_type_head = types is not None
         self.frames: list[np.ndarray] = []
 

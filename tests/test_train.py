@@ -80,6 +80,17 @@ def test_old_option_names_still_work_with_a_warning(tmp_path, synth_data, caplog
     assert "augmentation=seed is deprecated: use augmentation=flip_rotate" in warned
 
 
+def test_two_passes_without_crop_samples_are_warned_about(tmp_path, synth_data, caplog):
+    """A model that never saw crops would look at crops in validation: allowed (the crop_none ablation), said."""
+    from fashionkp.checks import check_train_config
+
+    base = [*TINY, f"data.root={synth_data['train']}", "model.two_pass=true"]
+    check_train_config(compose_train([*base, "augmentation.crop=0.5"], tmp_path))
+    assert "without crop samples" not in caplog.text
+    check_train_config(compose_train([*base, "augmentation.crop=0.0"], tmp_path))
+    assert "model.two_pass without crop samples (augmentation.crop=0)" in caplog.text
+
+
 FAST_RUNS = [o for o in EVERY_OPTION if o.startswith(("experiment=", "ablation="))]
 
 

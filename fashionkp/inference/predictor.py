@@ -49,6 +49,7 @@ from fashionkp.data.transforms import (
 )
 from fashionkp.errors import ConfigError, UserError
 from fashionkp.inference.checkpoint import (
+    DEFAULT_TEST_SCALES,
     CheckpointError,
     TrainedModel,
     build_codec,
@@ -390,8 +391,8 @@ class KeypointPredictor:
         self.fine_members = load("fine_checkpoints", as_list(fine_checkpoints), fine_weights) or self.members
         self.flip_test = flip_test
         #: The test scales: as the first pass's first model was trained to be predicted unless told.
-        self.scales = tuple(scales) if scales is not None else self.members[0].runner.scales
-        if scales is None and len({m.runner.scales for m in [*self.members, *self.fine_members]}) > 1:
+        self.scales = tuple(scales) if scales is not None else self._trained_scales(self.members[0])
+        if scales is None and len({self._trained_scales(m) for m in [*self.members, *self.fine_members]}) > 1:
             log.warning("the models were trained with different test scales: all run at the first one's, %s "
                         "(scales= sets them)", list(self.scales))  # fmt: skip
         #: The crop pass's test scales (the first pass's unless told): above 1 it sees the garment larger.
@@ -410,6 +411,11 @@ class KeypointPredictor:
             if missing:
                 raise ConfigError("fine_checkpoints", self.model_names_of(self.fine_members),
                                   f"no crop-pass model for {missing}, which checkpoints serve")  # fmt: skip
+
+    @staticmethod
+    def _trained_scales(member: Member) -> tuple[float, ...]:
+        # runners of models in memory that predate model.test_scales were used at one scale
+        return getattr(member.runner, "scales", DEFAULT_TEST_SCALES)
 
     def _crop_margin(self, two_pass: bool | None, crop_margin: float | None) -> float | None:
         members = [*self.members, *self.fine_members]  # the first pass's training says it first
