@@ -82,8 +82,8 @@ def main() -> None:
             median = statistics.median(times)
             one_pass = one_pass or median
             name = "two passes (crop)" if two_pass else "one pass"
-            rows.append({"predictor": f"{name}, test scales {'/'.join(map(str, predictor.scales))}"
-                                      f"{' (the model' + chr(39) + 's)' if scales is None else ''}",
+            whose = " (the model's)" if scales is None else ""
+            rows.append({"predictor": f"{name}, test scales {'/'.join(map(str, predictor.scales))}{whose}",
                          "ms per photo (median)": f"{1000 * median:.1f}",
                          "x one pass": f"{median / one_pass:.2f}"})  # fmt: skip
     print_table(rows, ["predictor", "ms per photo (median)", "x one pass"])

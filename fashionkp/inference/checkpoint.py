@@ -116,13 +116,5 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: weights do not match the model its hyper-parameters describe: {e}") from e
     mean_shape = np.asarray(ckpt["mean_shape"], dtype=np.float64) if "mean_shape" in ckpt else None
     crop_margin = float(hparams["crop_margin"]) if hparams.get("two_pass") else None
-    return TrainedModel(
-        model.eval(),
-        codec,
-        hparams["clothes"],
-        hparams["input_size"],
-        mean_shape,
-        str(path),
-        crop_margin,
-        scales=test_scales_of(hparams),
-    )
+    return TrainedModel(model.eval(), codec, hparams["clothes"], hparams["input_size"], mean_shape, str(path),
+                        crop_margin=crop_margin, scales=test_scales_of(hparams))  # fmt: skip
