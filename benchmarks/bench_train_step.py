@@ -1,6 +1,7 @@
 """Seconds per CPU training step (batch 16, forward + backward + AdamW) of the CPN: fp32 eager, fp32
 channels_last, bf16 autocast (trainer.precision=bf16-mixed) with channels_last, and the same with the depthwise
-convolutions in fp32 ("fp32-dw": model.train_depthwise_in_fp32, the default).
+convolutions in fp32 ("fp32-dw": model.train_depthwise_in_fp32, the default), and that with the backbone's stem and
+first two stages frozen ("frozen 2": model.frozen_backbone_stages=2, the CPU recipe's).
 
 python benchmarks/bench_train_step.py [--quick] [--backbones resnet50]
 """
@@ -34,18 +35,21 @@ def step_seconds(
     repeats: int,
     bf16: bool = False,
     depthwise_fp32: bool = False,
+    frozen_stages: int = 0,
 ) -> float:
     torch.manual_seed(0)
     model = CPN(build_backbone(backbone), num_keypoints=24, width=width)
     if depthwise_fp32:
         make_depthwise_train_in_fp32(model)
+    model.backbone.freeze_stages(frozen_stages)
+    model.train()
     x = torch.rand(batch, 3, size, size) * 255
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.rand(batch, 24, size // 4, size // 4)
     weight = torch.ones(batch, 24)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as Lightning's bf16-mixed
@@ -82,14 +86,17 @@ def main() -> None:
         fast = step_seconds(backbone, size, width, True, args.batch, repeats)
         bf16 = step_seconds(backbone, size, width, True, args.batch, repeats, bf16=True)
         mixed = step_seconds(backbone, size, width, True, args.batch, repeats, bf16=True, depthwise_fp32=True)
+        frozen = step_seconds(backbone, size, width, True, args.batch, repeats, True, True, frozen_stages=2)
         rows.append({"backbone": backbone, "input": size, "head width": width, "eager s/step": f"{eager:.2f}",
                      "channels_last s/step": f"{fast:.2f}", "ratio": f"{fast / eager:.2f}",
                      "bf16 channels_last s/step": f"{bf16:.2f}", "bf16 speed-up": f"{fast / bf16:.2f}x",
-                     "bf16 fp32-dw s/step": f"{mixed:.2f}", "fp32-dw speed-up": f"{fast / mixed:.2f}x"})  # fmt: skip
+                     "bf16 fp32-dw s/step": f"{mixed:.2f}", "fp32-dw speed-up": f"{fast / mixed:.2f}x",
+                     "+ frozen 2 s/step": f"{frozen:.2f}", "frozen 2 speed-up": f"{fast / frozen:.2f}x"})  # fmt: skip
     print(f"CPU training step ({cpu_features().describe()}), batch {args.batch}, {args.threads} threads, "
           f"median of {repeats}; speed-up = fp32 channels_last time / the column's time")  # fmt: skip
     columns = ["backbone", "input", "head width", "eager s/step", "channels_last s/step", "ratio",
-               "bf16 channels_last s/step", "bf16 speed-up", "bf16 fp32-dw s/step", "fp32-dw speed-up"]  # fmt: skip
+               "bf16 channels_last s/step", "bf16 speed-up", "bf16 fp32-dw s/step", "fp32-dw speed-up",
+               "+ frozen 2 s/step", "frozen 2 speed-up"]  # fmt: skip
     print_table(rows, columns)
 
 

@@ -77,6 +77,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("ckpt_path", ckpt, "no such checkpoint file or run folder")
     check_loggers(cfg)  # before the backbone: offline, the weights check would hide this one
     check_backbone(cfg.backbone)
+    check_frozen_stages(cfg.backbone, cfg.model.frozen_backbone_stages)
 
 
 def check_two_passes(cfg: DictConfig) -> None:
@@ -122,6 +123,22 @@ def check_backbone(backbone: DictConfig) -> None:
                 "backbone.pretrained", True, f"ImageNet weights for {name!r} cannot be had: {problem}",
                 "pass a local file with backbone.weights=/path/to/weights.pth, or backbone.pretrained=false",
             )  # fmt: skip
+
+
+def check_frozen_stages(backbone: DictConfig, stages: object) -> None:
+    """``model.frozen_backbone_stages``: a stage count the backbone can freeze; frozen layers that were never
+    trained are warned about."""
+    import torch
+
+    from fashionkp.models.backbone import Backbone
+
+    with torch.device("meta"):  # only the layout: no memory, no weights
+        Backbone(backbone.name).freeze_stages(stages)
+    if stages and not (backbone.get("pretrained") or backbone.get("weights")):
+        log.warning(
+            "model.frozen_backbone_stages=%s with backbone.pretrained=false: the frozen layers keep their random "
+            "initial weights (set model.frozen_backbone_stages=0 to train them)", stages,
+        )  # fmt: skip
 
 
 def weights_unreachable(name: str) -> str | None:

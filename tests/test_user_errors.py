@@ -51,6 +51,7 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
             "model.crop_margin=5: the crop margin is a fraction of the box's side, in [0, 2]",
         ),
         ("model.test_scales=[0]", "model.test_scales=[0]: must be a list of positive factors"),
+        ("model.frozen_backbone_stages=5", "model.frozen_backbone_stages=5: must be 0 to 4"),
         (
             "resolution=256 model.test_scales=[1.25]",
             "model.test_scales=[1.25]: none runs the model at its input size 256",

@@ -40,6 +40,49 @@ class Backbone(nn.Module):
         """``images``: (N, 3, H, W) RGB in 0..255 (float); normalised here so exported models take raw pixels."""
         return self.body((images - self.mean) / self.std)
 
+    def freeze_stages(self, stages: int) -> int:
+        """Keep the stem and the first ``stages`` pyramid stages (1: through stride 4, 2: through stride 8, ...) at
+        their pretrained weights: no gradients, and their layers stay in eval mode (batch-norm statistics
+        included) while the rest trains. Returns how many parameter tensors are frozen. Nothing is computed
+        backward through them, which is where a CPU step spends much of its time, at these layers' large
+        feature maps (detection frameworks freeze the stem and first stage of an ImageNet backbone likewise)."""
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 0 <= stages <= len(PYRAMID_STRIDES):
+            raise ConfigError("model.frozen_backbone_stages", stages, f"must be 0 to {len(PYRAMID_STRIDES)}")
+        if stages == 0:
+            return 0
+        # the module whose output ends the last frozen stage, asked of timm; feature wrappers may write its "."
+        # as "_" or hold the model under "model." or "body."
+        last = self.body.feature_info.module_name()[stages - 1]
+        modules = list(self.body.named_modules())
+        names = [name for name, _ in modules]
+        found = [n for n in (last, last.replace(".", "_"), f"model.{last}", f"body.{last}") if n in names]
+        if not found:
+            raise ConfigError(
+                "model.frozen_backbone_stages", stages, f"cannot tell where {self.name!r}'s stage {stages} ends",
+                "0 trains every layer",
+            )  # fmt: skip
+        # modules are listed depth first, in the order they run: the stem, stage 1, ..., the module that ends
+        # stage N and everything inside it
+        end = max(i for i, n in enumerate(names) if n == found[0] or n.startswith(f"{found[0]}."))
+        after = names[end + 1] if end + 1 < len(names) else None
+        # whole subtrees only, not a container ("blocks") that also holds the stages that train: a subtree is
+        # listed in one run, so one that goes on past `end` holds the next module
+        self._frozen = [n for n in names[1 : end + 1] if after is None or not after.startswith(f"{n}.")]
+        frozen = [p for n, m in modules if n in self._frozen for p in m.parameters(recurse=False)]
+        for param in frozen:
+            param.requires_grad_(False)
+        self.train(self.training)
+        return len(frozen)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        # the frozen stages stay as pretrained, their batch-norm statistics included
+        frozen = set(getattr(self, "_frozen", ()))
+        for name, module in self.body.named_modules():
+            if name in frozen:
+                module.training = False
+        return self
+
 
 def pyramid_indices(name: str) -> tuple[int, ...]:
     """Indices of the feature maps at strides 4, 8, 16, 32: the last (deepest) one at each stride."""

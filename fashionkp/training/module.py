@@ -4,12 +4,15 @@ the deployed predictor (the ``val/ne`` that selects checkpoints is what ``evalua
 from __future__ import annotations
 
 import inspect
+import logging
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from fashionkp.config import as_list
@@ -20,6 +23,8 @@ from fashionkp.evaluation.metric import NormalizedError, garment_type_report
 from fashionkp.inference.checkpoint import CheckpointError, TrainedModel, build_model
 from fashionkp.inference.predictor import KeypointPredictor, PhotoBatch, TorchHeatmapRunner
 from fashionkp.models import CPNOutput, make_depthwise_train_in_fp32
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -60,6 +65,7 @@ class CPNModule(pl.LightningModule):
         flip_test: bool,
         channels_last: bool,
         train_depthwise_in_fp32: bool,
+        frozen_backbone_stages: int,
         type_head: bool,
         two_pass: bool,
         crop_margin: float,
@@ -70,7 +76,7 @@ class CPNModule(pl.LightningModule):
             clothes=check_category(clothes, allow_all=True), backbone=backbone, input_size=input_size, width=width,
             refine_upsample=refine_upsample, codec=codec, loss=loss, optimizer=optimizer, scheduler=scheduler,
             scheduler_interval=scheduler_interval, flip_test=flip_test, channels_last=channels_last,
-            train_depthwise_in_fp32=train_depthwise_in_fp32,
+            train_depthwise_in_fp32=train_depthwise_in_fp32, frozen_backbone_stages=frozen_backbone_stages,
             type_head=type_head, two_pass=two_pass, crop_margin=crop_margin,
             test_scales=[float(s) for s in as_list(test_scales)],
         )  # fmt: skip
@@ -80,6 +86,8 @@ class CPNModule(pl.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         if train_depthwise_in_fp32:
             make_depthwise_train_in_fp32(self.model)
+        if self.model.backbone.freeze_stages(frozen_backbone_stages):
+            log.info("backbone: the stem and the first %d stage(s) keep their weights", frozen_backbone_stages)
         self.loss = instantiate(self.hparams.loss)
         self.val_ne = NormalizedError()
         self.val_types = MulticlassConfusionMatrix(len(CATEGORIES)) if self.model.type_head is not None else None
@@ -147,7 +155,22 @@ class CPNModule(pl.LightningModule):
             self.log("val/type_accuracy", self.last_val_types["accuracy"])
             self.val_types.reset()
 
+    def on_fit_start(self) -> None:
+        self._warning_filters = warnings.filters[:]
+        if self.hparams.frozen_backbone_stages:
+            # the frozen stages stay in eval mode on purpose (Backbone.train), which Lightning would warn about
+            warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
+
+    def on_fit_end(self) -> None:
+        warnings.filters[:] = self._warning_filters
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the optimizer holds the parameters that train: a resumed run must freeze the same ones
+        frozen = checkpoint.get("hyper_parameters", {}).get("frozen_backbone_stages", 0)
+        if frozen != self.hparams.frozen_backbone_stages:
+            raise CheckpointError(
+                f"the checkpoint was trained with model.frozen_backbone_stages={frozen}: resume it with that value"
+            )
         trained_with_head = bool(checkpoint.get("hyper_parameters", {}).get("type_head"))
         if trained_with_head != (self.model.type_head is not None) and self.hparams.clothes == ALL:
             raise CheckpointError(
