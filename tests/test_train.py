@@ -2,6 +2,7 @@ import inspect
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -166,7 +167,12 @@ def test_frozen_backbone_stages_stay_as_pretrained_and_resume_only_as_trained(tm
     common = [*TINY, "backbone.pretrained=true", "clothes=skirt", f"data.root={synth_data['train']}",
               "trainer.max_epochs=2", "data.batch_size=2"]  # fmt: skip
     cfg = compose_train([*common, "model.frozen_backbone_stages=1"], tmp_path / "run")
-    result = train(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(cfg)
+    # the frozen layers are in eval mode on purpose: Lightning's warning about it is silenced during the fit only
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
+    assert not [f for f in warnings.filters if f[1] is not None and "in eval mode" in f[1].pattern]
     ckpt = _state(Path(result["last_checkpoint"]))
     prefix = "model.backbone.body."
     body = {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

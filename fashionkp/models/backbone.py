@@ -43,9 +43,10 @@ class Backbone(nn.Module):
     def freeze_stages(self, stages: int) -> int:
         """Keep the stem and the first ``stages`` pyramid stages (1: through stride 4, 2: through stride 8, ...) at
         their pretrained weights: no gradients, and their layers stay in eval mode (batch-norm statistics
-        included) while the rest trains. Returns how many parameter tensors are frozen. Nothing is computed
-        backward through them, which is where a CPU step spends much of its time, at these layers' large
-        feature maps (detection frameworks freeze the stem and first stage of an ImageNet backbone likewise)."""
+        included) while the rest trains. Returns how many parameter tensors are frozen (0 freezes nothing, nor
+        unfreezes an earlier call's). Nothing is computed backward through them, which is where a CPU step spends
+        much of its time, at these layers' large feature maps (detection frameworks freeze the stem and first
+        stage of an ImageNet backbone likewise)."""
         if isinstance(stages, bool) or not isinstance(stages, int) or not 0 <= stages <= len(PYRAMID_STRIDES):
             raise ConfigError("model.frozen_backbone_stages", stages, f"must be 0 to {len(PYRAMID_STRIDES)}")
         if stages == 0:

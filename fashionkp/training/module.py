@@ -156,13 +156,18 @@ class CPNModule(pl.LightningModule):
             self.val_types.reset()
 
     def on_fit_start(self) -> None:
-        self._warning_filters = warnings.filters[:]
-        if self.hparams.frozen_backbone_stages:
-            # the frozen stages stay in eval mode on purpose (Backbone.train), which Lightning would warn about
-            warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
+        frozen = len(getattr(self.model.backbone, "_frozen", ()))
+        if frozen:
+            # the frozen stages stay in eval mode on purpose (Backbone.train), which Lightning would warn about; only
+            # that many modules, so that a run which fails before on_fit_end leaves other counts warned about
+            self._warning_filter = (rf"Found {frozen} module\(s\) in eval mode", PossibleUserWarning)
+            warnings.filterwarnings("ignore", *self._warning_filter)
 
     def on_fit_end(self) -> None:
-        warnings.filters[:] = self._warning_filters
+        added = getattr(self, "_warning_filter", None)
+        if added is not None:
+            warnings.filters[:] = [f for f in warnings.filters if (f[1] and f[1].pattern, f[2]) != added]
+            self._warning_filter = None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # the optimizer holds the parameters that train: a resumed run must freeze the same ones
