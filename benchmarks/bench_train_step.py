@@ -42,7 +42,6 @@ def step_seconds(
     if depthwise_fp32:
         make_depthwise_train_in_fp32(model)
     model.backbone.freeze_stages(frozen_stages)
-    model.train()
     x = torch.rand(batch, 3, size, size) * 255
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -32,6 +32,8 @@ class Backbone(nn.Module):
         self.channels: list[int] = self.body.feature_info.channels()
         #: Input pixels per feature pixel of each level (4, 8, 16, 32): asked of timm, not assumed.
         self.reductions: list[int] = self.body.feature_info.reduction()
+        #: names (in ``body``) of the modules that freeze_stages keeps as pretrained
+        self.frozen_modules: list[str] = []
         cfg = self.body.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1) * 255)
@@ -68,8 +70,9 @@ class Backbone(nn.Module):
         after = names[end + 1] if end + 1 < len(names) else None
         # whole subtrees only, not a container ("blocks") that also holds the stages that train: a subtree is
         # listed in one run, so one that goes on past `end` holds the next module
-        self._frozen = [n for n in names[1 : end + 1] if after is None or not after.startswith(f"{n}.")]
-        frozen = [p for n, m in modules if n in self._frozen for p in m.parameters(recurse=False)]
+        self.frozen_modules = [n for n in names[1 : end + 1] if after is None or not after.startswith(f"{n}.")]
+        kept = set(self.frozen_modules)
+        frozen = [p for n, m in modules if n in kept for p in m.parameters(recurse=False)]
         for param in frozen:
             param.requires_grad_(False)
         self.train(self.training)
@@ -78,7 +81,7 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
         # the frozen stages stay as pretrained, their batch-norm statistics included
-        frozen = set(getattr(self, "_frozen", ()))
+        frozen = set(self.frozen_modules)
         for name, module in self.body.named_modules():
             if name in frozen:
                 module.training = False

@@ -156,7 +156,7 @@ class CPNModule(pl.LightningModule):
             self.val_types.reset()
 
     def on_fit_start(self) -> None:
-        frozen = len(getattr(self.model.backbone, "_frozen", ()))
+        frozen = len(self.model.backbone.frozen_modules)
         if frozen:
             # the frozen stages stay in eval mode on purpose (Backbone.train), which Lightning would warn about; only
             # that many modules, so that a run which fails before on_fit_end leaves other counts warned about
