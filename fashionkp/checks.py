@@ -66,6 +66,11 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("model.test_scales", test_scales, f"none runs the model at its input size {resolution}",
                           "include 1.0, e.g. [0.9,1.0,1.1]")  # fmt: skip
     check_two_passes(cfg)
+    trainer = cfg.trainer
+    if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu" and "ddp" in str(trainer.get("strategy")):
+        # torch's DistributedDataParallel refuses SyncBatchNorm layers on CPU modules, after the data is read
+        raise ConfigError("trainer.sync_batchnorm", True, "synchronized batch norms need GPUs",
+                          "set trainer.sync_batchnorm=false for DDP on CPU")  # fmt: skip
     fraction = cfg.data.val_fraction
     if not cfg.data.get("val_root") and not 0 < fraction < 1:
         raise ConfigError("data.val_fraction", fraction, "must lie between 0 and 1 (or give data.val_root)")

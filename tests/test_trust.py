@@ -38,10 +38,6 @@ def test_a_sequential_wandb_sweep_gives_each_job_its_own_run(tmp_path, synth_dat
 
 def test_ddp_breakdown_equals_a_single_process(tmp_path, synth_data):
     """Every number of val_ne_best.json under 2-process gloo DDP equals one process's on the same images."""
-    import pytorch_lightning as pl
-
-    from fashionkp.training.train import build
-
     common = [*TINY, "clothes=all", f"data.root={synth_data['train']}", "data.val_fraction=0.35"]
     run = tmp_path / "ddp"
     done = run_cli("train.py", [*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -49,14 +45,8 @@ def test_ddp_breakdown_equals_a_single_process(tmp_path, synth_data):
                                 "validate_best=true", f"hydra.run.dir={run}"], cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = json.loads((run / "val_ne_best.json").read_text())
-    cfg = compose_train(common, tmp_path / "single")
-    module, datamodule = build(cfg)
-    datamodule.setup()
-    assert len(datamodule.val_set) % 2 == 1  # uneven shards: every image still scored exactly once
-    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
-        module, datamodule=datamodule, ckpt_path=ddp["checkpoint"], verbose=False
-    )
-    single = module.last_val_result.as_dict()
+    single, val_images = _validate_in_one_process(common, tmp_path / "single", ddp["checkpoint"])
+    assert val_images % 2 == 1  # uneven shards: every image still scored exactly once
     assert ddp["counted"] == single["counted"] and ddp["counted_per_category"] == single["counted_per_category"]
     assert ddp["skipped"] == single["skipped"]
     # Equal to 1e-6 relative: each DDP process runs the float32 forward on other batches with its own thread
@@ -65,6 +55,72 @@ def test_ddp_breakdown_equals_a_single_process(tmp_path, synth_data):
     assert ddp["per_category"] == pytest.approx(single["per_category"], rel=1e-6)
     assert ddp["per_keypoint"] == pytest.approx(single["per_keypoint"], rel=1e-6)
     assert set(ddp["per_category"]) == {"blouse", "outwear", "dress", "skirt", "trousers"}
+
+
+def _validate_in_one_process(overrides: list[str], output_dir: Path, checkpoint: str) -> tuple[dict, int]:
+    """The NE breakdown of ``checkpoint`` validated by one process on the model the config builds, and the
+    number of validation images."""
+    import pytorch_lightning as pl
+
+    from fashionkp.training.train import build
+
+    module, datamodule = build(compose_train(overrides, output_dir))
+    datamodule.setup()
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
+        module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False
+    )
+    return module.last_val_result.as_dict(), len(datamodule.val_set)
+
+
+def test_synchronized_batch_norms_keep_timm_activations_and_come_back_trained():
+    """trainer.sync_batchnorm: every batch norm of the CPN becomes a SyncBatchNorm and the network computes
+    what it did (Lightning's own conversion drops the activation timm fuses into its batch norms); after the
+    fit the original layers come back, with the weights and statistics trained in between."""
+    import copy
+
+    from pytorch_lightning.plugins import TorchSyncBatchNorm
+    from torch import nn
+
+    from fashionkp.models import CPN, build_backbone
+    from fashionkp.training.callbacks import TimmSyncBatchNorm
+
+    def norms(model: nn.Module) -> dict[str, type]:
+        return {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    torch.manual_seed(0)
+    model = CPN(build_backbone("tf_efficientnet_lite0"), num_keypoints=5, width=16).eval()
+    images = torch.rand(2, 3, 64, 64) * 255
+    reference = model(images).refine_heatmaps
+    original, loaded = norms(model), {k: v.clone() for k, v in model.state_dict().items()}
+    assert any("BatchNormAct" in t.__name__ for t in original.values())
+    stock = TorchSyncBatchNorm().apply(copy.deepcopy(model))
+    assert not torch.allclose(stock(images).refine_heatmaps, reference)  # the backbone's activations are gone
+
+    plugin = TimmSyncBatchNorm()
+    synced = plugin.apply(model)
+    assert set(original) == {n for n, t in norms(synced).items() if issubclass(t, nn.SyncBatchNorm)}
+    assert torch.equal(synced(images).refine_heatmaps, reference)
+    optimizer = torch.optim.SGD(synced.parameters(), lr=0.1)
+    synced.train()(images).refine_heatmaps.square().mean().backward()
+    optimizer.step()
+    trained = {k: v.clone() for k, v in synced.state_dict().items()}
+    assert not all(torch.equal(trained[k], v) for k, v in loaded.items() if k.endswith("running_mean"))
+    expected = synced.eval()(images).refine_heatmaps
+
+    reverted = plugin.revert(synced)
+    assert norms(reverted) == original
+    assert all(torch.equal(v, trained[k]) for k, v in reverted.state_dict().items())
+    assert torch.equal(reverted(images).refine_heatmaps, expected)
+
+
+def test_ddp_runs_synchronize_batch_norms_the_way_timm_does(tmp_path):
+    """trainer=ddp turns sync_batchnorm on: the trainer's layer sync is timm's conversion, not Lightning's."""
+    from fashionkp.training.callbacks import TimmSyncBatchNorm
+    from fashionkp.training.train import build_trainer
+
+    cfg = compose_train([*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path)
+    assert cfg.trainer.sync_batchnorm
+    assert isinstance(build_trainer(cfg, [], []).strategy._layer_sync, TimmSyncBatchNorm)
 
 
 def _checkpoint(path: Path) -> dict:

@@ -53,6 +53,11 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
         ("model.test_scales=[0]", "model.test_scales=[0]: must be a list of positive factors"),
         ("model.frozen_backbone_stages=5", "model.frozen_backbone_stages=5: must be 0 to 4"),
         (
+            "trainer=ddp trainer.accelerator=cpu",
+            "trainer.sync_batchnorm=True: synchronized batch norms need GPUs"
+            " (set trainer.sync_batchnorm=false for DDP on CPU)",
+        ),
+        (
             "resolution=256 model.test_scales=[1.25]",
             "model.test_scales=[1.25]: none runs the model at its input size 256",
         ),

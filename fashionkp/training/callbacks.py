@@ -1,4 +1,5 @@
-"""Callbacks and plugins: per-epoch NE reports, training curves, atomic checkpoint writing."""
+"""Callbacks and plugins: per-epoch NE reports, training curves, atomic checkpoint writing, batch norms
+synchronized across processes without losing timm's fused activations."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.plugins import TorchSyncBatchNorm
+from timm.layers import convert_sync_batchnorm
+from torch import nn
 
 from fashionkp.data.keypoints import CATEGORIES, KEYPOINT_NAMES
 from fashionkp.training.schedules import end_cosines_at
@@ -143,6 +147,34 @@ class FitEpochsToTime(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs, self.probe_epochs = state["epochs"], state.get("probe_epochs")
+
+
+class TimmSyncBatchNorm(TorchSyncBatchNorm):
+    """``trainer.sync_batchnorm`` for timm backbones. Lightning's own conversion turns timm's ``BatchNormAct2d``
+    (a batch norm followed by its activation) into a plain ``SyncBatchNorm``, so a distributed run would train
+    and validate a network without the backbone's activations; timm's conversion keeps them. After the fit the
+    original layers come back, holding the weights and statistics trained since."""
+
+    def __init__(self) -> None:
+        self._originals: dict[str, nn.Module] = {}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        self._originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        for name, synced in list(model.named_modules()):
+            original = self._originals.get(name)
+            if original is None or not isinstance(synced, nn.SyncBatchNorm):
+                continue
+            # the same tensors unless something replaced them (a checkpoint load copies into them in place)
+            for key, tensor in [*synced.named_parameters(recurse=False), *synced.named_buffers(recurse=False)]:
+                setattr(original, key, tensor)
+            original.train(synced.training)
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).add_module(child, original)
+        self._originals = {}
+        return model
 
 
 class NEReport(pl.Callback):

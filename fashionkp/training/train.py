@@ -19,7 +19,7 @@ from fashionkp.data.codec import DEPRECATED_DECODERS, check_decoder
 from fashionkp.data.dataset import FashionAIDataModule
 from fashionkp.errors import ConfigError
 from fashionkp.inference.precision import training_precision
-from fashionkp.training.callbacks import AtomicCheckpointIO, NEReport
+from fashionkp.training.callbacks import AtomicCheckpointIO, NEReport, TimmSyncBatchNorm
 from fashionkp.training.module import CPNModule
 
 log = logging.getLogger(__name__)
@@ -147,14 +147,20 @@ def train(cfg: DictConfig) -> dict:
         finish_loggers(loggers)
 
 
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> pl.Trainer:
+    """The Lightning trainer of ``cfg.trainer``: checkpoints written atomically, batch norms synchronized (with
+    ``trainer.sync_batchnorm``) the way timm converts them."""
+    plugins = [AtomicCheckpointIO(), *([TimmSyncBatchNorm()] if cfg.trainer.get("sync_batchnorm") else [])]
+    return instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins,
+        precision=training_precision(cfg.trainer.precision, cfg.trainer.accelerator),
+    )  # fmt: skip
+
+
 def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -> dict:
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "choices": hydra_choices()})
-    callbacks = build_callbacks(cfg, with_logger=bool(loggers))
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-        precision=training_precision(cfg.trainer.precision, cfg.trainer.accelerator),
-    )  # fmt: skip
+    trainer = build_trainer(cfg, loggers, build_callbacks(cfg, with_logger=bool(loggers)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path")))
     if "val/ne" not in trainer.callback_metrics and not trainer.interrupted:
         # A run shorter than check_val_every_n_epoch: validate the final weights rather than report NaN.
