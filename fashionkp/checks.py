@@ -66,11 +66,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("model.test_scales", test_scales, f"none runs the model at its input size {resolution}",
                           "include 1.0, e.g. [0.9,1.0,1.1]")  # fmt: skip
     check_two_passes(cfg)
-    trainer = cfg.trainer
-    if trainer.get("sync_batchnorm") and trainer.get("accelerator") == "cpu" and "ddp" in str(trainer.get("strategy")):
-        # torch's DistributedDataParallel refuses SyncBatchNorm layers on CPU modules, after the data is read
-        raise ConfigError("trainer.sync_batchnorm", True, "synchronized batch norms need GPUs",
-                          "set trainer.sync_batchnorm=false for DDP on CPU")  # fmt: skip
+    check_sync_batchnorm(cfg.trainer)
     fraction = cfg.data.val_fraction
     if not cfg.data.get("val_root") and not 0 < fraction < 1:
         raise ConfigError("data.val_fraction", fraction, "must lie between 0 and 1 (or give data.val_root)")
@@ -106,6 +102,22 @@ def check_two_passes(cfg: DictConfig) -> None:
         raise ConfigError(
             "data.keep_val_photos", False, "a crop pass or other test scales validate on the photos themselves"
         )
+
+
+def check_sync_batchnorm(trainer: DictConfig) -> None:
+    """Synchronized batch norms in DDP on CPU processes: torch's DistributedDataParallel refuses them, but only
+    once the data is loaded and the fit starts."""
+    if not trainer.get("sync_batchnorm"):
+        return
+    import torch
+
+    strategy, accelerator = str(trainer.get("strategy", "auto")).lower(), trainer.get("accelerator", "auto")
+    several = (trainer.get("num_nodes") or 1) > 1 or trainer.get("devices", "auto") not in (1, "1", "auto")
+    distributed = "ddp" in strategy or (strategy == "auto" and several)  # Lightning picks DDP for several
+    on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())
+    if distributed and on_cpu:
+        raise ConfigError("trainer.sync_batchnorm", True, "synchronized batch norms need GPUs",
+                          "set trainer.sync_batchnorm=false for DDP on CPU")  # fmt: skip
 
 
 def check_backbone(backbone: DictConfig) -> None:

@@ -38,6 +38,10 @@ def test_a_sequential_wandb_sweep_gives_each_job_its_own_run(tmp_path, synth_dat
 
 def test_ddp_breakdown_equals_a_single_process(tmp_path, synth_data):
     """Every number of val_ne_best.json under 2-process gloo DDP equals one process's on the same images."""
+    import pytorch_lightning as pl
+
+    from fashionkp.training.train import build
+
     common = [*TINY, "clothes=all", f"data.root={synth_data['train']}", "data.val_fraction=0.35"]
     run = tmp_path / "ddp"
     done = run_cli("train.py", [*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -45,8 +49,14 @@ def test_ddp_breakdown_equals_a_single_process(tmp_path, synth_data):
                                 "validate_best=true", f"hydra.run.dir={run}"], cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = json.loads((run / "val_ne_best.json").read_text())
-    single, val_images = _validate_in_one_process(common, tmp_path / "single", ddp["checkpoint"])
-    assert val_images % 2 == 1  # uneven shards: every image still scored exactly once
+    cfg = compose_train(common, tmp_path / "single")
+    module, datamodule = build(cfg)
+    datamodule.setup()
+    assert len(datamodule.val_set) % 2 == 1  # uneven shards: every image still scored exactly once
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
+        module, datamodule=datamodule, ckpt_path=ddp["checkpoint"], verbose=False
+    )
+    single = module.last_val_result.as_dict()
     assert ddp["counted"] == single["counted"] and ddp["counted_per_category"] == single["counted_per_category"]
     assert ddp["skipped"] == single["skipped"]
     # Equal to 1e-6 relative: each DDP process runs the float32 forward on other batches with its own thread
@@ -55,21 +65,6 @@ def test_ddp_breakdown_equals_a_single_process(tmp_path, synth_data):
     assert ddp["per_category"] == pytest.approx(single["per_category"], rel=1e-6)
     assert ddp["per_keypoint"] == pytest.approx(single["per_keypoint"], rel=1e-6)
     assert set(ddp["per_category"]) == {"blouse", "outwear", "dress", "skirt", "trousers"}
-
-
-def _validate_in_one_process(overrides: list[str], output_dir: Path, checkpoint: str) -> tuple[dict, int]:
-    """The NE breakdown of ``checkpoint`` validated by one process on the model the config builds, and the
-    number of validation images."""
-    import pytorch_lightning as pl
-
-    from fashionkp.training.train import build
-
-    module, datamodule = build(compose_train(overrides, output_dir))
-    datamodule.setup()
-    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).validate(
-        module, datamodule=datamodule, ckpt_path=checkpoint, verbose=False
-    )
-    return module.last_val_result.as_dict(), len(datamodule.val_set)
 
 
 def test_synchronized_batch_norms_keep_timm_activations_and_come_back_trained():
@@ -100,6 +95,7 @@ def test_synchronized_batch_norms_keep_timm_activations_and_come_back_trained():
     synced = plugin.apply(model)
     assert set(original) == {n for n, t in norms(synced).items() if issubclass(t, nn.SyncBatchNorm)}
     assert torch.equal(synced(images).refine_heatmaps, reference)
+    synced.double().float()  # new buffers, as moving the model to its GPU gives them
     optimizer = torch.optim.SGD(synced.parameters(), lr=0.1)
     synced.train()(images).refine_heatmaps.square().mean().backward()
     optimizer.step()
@@ -113,14 +109,30 @@ def test_synchronized_batch_norms_keep_timm_activations_and_come_back_trained():
     assert torch.equal(reverted(images).refine_heatmaps, expected)
 
 
-def test_ddp_runs_synchronize_batch_norms_the_way_timm_does(tmp_path):
-    """trainer=ddp turns sync_batchnorm on: the trainer's layer sync is timm's conversion, not Lightning's."""
+def test_ddp_runs_synchronize_batch_norms_the_way_timm_does_and_only_on_gpus(tmp_path, monkeypatch):
+    """trainer=ddp turns sync_batchnorm on: the trainer's layer sync is timm's conversion, not Lightning's. DDP on
+    CPU processes, where torch refuses synchronized batch norms once the fit starts, is refused before it."""
+    from omegaconf import OmegaConf
+
+    from fashionkp.checks import check_sync_batchnorm
+    from fashionkp.errors import ConfigError
     from fashionkp.training.callbacks import TimmSyncBatchNorm
     from fashionkp.training.train import build_trainer
 
     cfg = compose_train([*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path)
     assert cfg.trainer.sync_batchnorm
     assert isinstance(build_trainer(cfg, [], []).strategy._layer_sync, TimmSyncBatchNorm)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused = "trainer.sync_batchnorm=True: synchronized batch norms need GPUs"
+    for trainer in [{"strategy": "ddp", "accelerator": "cpu"}, {"strategy": "ddp_spawn", "accelerator": "auto"},
+                    {"strategy": "auto", "accelerator": "cpu", "devices": 2}]:  # fmt: skip
+        with pytest.raises(ConfigError, match=refused):
+            check_sync_batchnorm(OmegaConf.create({"sync_batchnorm": True, **trainer}))
+    for trainer in [{"strategy": "ddp", "accelerator": "gpu", "sync_batchnorm": True},
+                    {"strategy": "auto", "accelerator": "cpu", "devices": 1, "sync_batchnorm": True},
+                    {"strategy": "ddp", "accelerator": "cpu", "sync_batchnorm": False}]:  # fmt: skip
+        check_sync_batchnorm(OmegaConf.create(trainer))
 
 
 def _checkpoint(path: Path) -> dict:

@@ -167,7 +167,7 @@ class TimmSyncBatchNorm(TorchSyncBatchNorm):
             original = self._originals.get(name)
             if original is None or not isinstance(synced, nn.SyncBatchNorm):
                 continue
-            # the same tensors unless something replaced them (a checkpoint load copies into them in place)
+            # moving the model to its device (or another dtype) gave the synced layers new buffers
             for key, tensor in [*synced.named_parameters(recurse=False), *synced.named_buffers(recurse=False)]:
                 setattr(original, key, tensor)
             original.train(synced.training)
