@@ -109,13 +109,12 @@ def check_sync_batchnorm(trainer: DictConfig) -> None:
     once the data is loaded and the fit starts."""
     if not trainer.get("sync_batchnorm"):
         return
-    import torch
+    from fashionkp.inference.precision import runs_on_cpu
 
-    strategy, accelerator = str(trainer.get("strategy", "auto")).lower(), trainer.get("accelerator", "auto")
+    strategy = str(trainer.get("strategy", "auto")).lower()
     several = (trainer.get("num_nodes") or 1) > 1 or trainer.get("devices", "auto") not in (1, "1", "auto")
     distributed = "ddp" in strategy or (strategy == "auto" and several)  # Lightning picks DDP for several
-    on_cpu = accelerator == "cpu" or (accelerator in ("auto", None) and not torch.cuda.is_available())
-    if distributed and on_cpu:
+    if distributed and runs_on_cpu(trainer.get("accelerator") or "auto"):
         raise ConfigError("trainer.sync_batchnorm", True, "synchronized batch norms need GPUs",
                           "set trainer.sync_batchnorm=false for DDP on CPU")  # fmt: skip
 

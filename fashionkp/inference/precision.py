@@ -89,11 +89,15 @@ def usable(precision: str, device_type: str, features: CpuFeatures | None = None
     return precision
 
 
+def runs_on_cpu(accelerator: str) -> bool:
+    """Whether Lightning's ``trainer.accelerator`` puts the run on the CPU ("auto" does without CUDA)."""
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
 def training_precision(precision: str, accelerator: str, features: CpuFeatures | None = None) -> str:
     """Lightning's ``trainer.precision`` for a run on ``accelerator``: bf16 on a CPU without AVX-512 BF16 or AMX
     (where autocast only emulates it, slower than fp32) becomes 32-true, with a log line that says why."""
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if not (on_cpu and str(precision).startswith("bf16")):
+    if not (runs_on_cpu(accelerator) and str(precision).startswith("bf16")):
         return precision
     features = features or cpu_features()
     if features.bf16:
