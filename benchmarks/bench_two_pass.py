@@ -2,10 +2,10 @@
 (``model.test_scales``): the CPU default path (onnxruntime, fp32), batch 1, 2 threads, flip test on, from the
 decoded photo to its points (warping, every network pass, decoding), medians over the photos.
 
-    python benchmarks/bench_two_pass.py [CHECKPOINT] [--photos DIR] [--n 40] [--quick]
+    python benchmarks/bench_two_pass.py [CHECKPOINT] [--photos DIR] [--n 40] [--quick] [--override KEY=VALUE ...]
 
-Without a checkpoint, the CPU recipe's model (experiment=fashionai_cpu) with untrained weights: the time
-does not depend on them.
+Without a checkpoint, the CPU recipe's model (experiment=fashionai_cpu, with the training config's
+``--override``s, e.g. ``model.width=64``) with untrained weights: the time does not depend on them.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from fashionkp.inference.precision import cpu_features  # noqa: E402
 from fashionkp.inference.predictor import KeypointPredictor  # noqa: E402
 
 
-def recipe_checkpoint(folder: Path) -> Path:
-    """A checkpoint of the CPU recipe's model with untrained weights."""
+def recipe_checkpoint(folder: Path, overrides: list[str]) -> Path:
+    """A checkpoint of the CPU recipe's model (with ``overrides`` to its config) with untrained weights."""
     from hydra import compose, initialize_config_dir
 
     from fashionkp.config import CONFIG_DIR
     from fashionkp.training.train import build
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=fashionai_cpu", "backbone.pretrained=false"])
+        cfg = compose("train", overrides=["experiment=fashionai_cpu", "backbone.pretrained=false", *overrides])
     module, _ = build(cfg)
     path = folder / "recipe.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
@@ -61,12 +61,16 @@ def main() -> None:
     parser.add_argument("--photos", help="a FashionAI split folder (default: 512-px noise images)")
     parser.add_argument("--n", type=int, default=40, help="photos to time")
     parser.add_argument("--quick", action="store_true", help="8 photos")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="without a checkpoint: a change to the recipe's config, e.g. model.width=64")  # fmt: skip
     args = parser.parse_args()
+    if args.checkpoint and args.override:
+        parser.error("--override changes the recipe's untrained model: give no checkpoint with it")
     torch.set_num_threads(2)
     print(f"CPU: {cpu_features().describe()}; 2 threads, onnxruntime fp32, batch 1, flip test")
     with tempfile.TemporaryDirectory() as tmp:
         torch.hub.set_dir(tmp)  # the ONNX exports the predictor caches go with the folder
-        checkpoint = args.checkpoint or recipe_checkpoint(Path(tmp))
+        checkpoint = args.checkpoint or recipe_checkpoint(Path(tmp), args.override)
         images = photos(args.photos, 8 if args.quick else args.n)
         rows, one_pass = [], None
         # (two passes, test scales): None is the model's own

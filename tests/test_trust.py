@@ -219,6 +219,17 @@ def test_a_run_shorter_than_the_validation_interval_still_reports_its_ne(synth_d
     assert len((tmp_path / "val_ne.csv").read_text().splitlines()) == 2  # header + the final validation
 
 
+def test_the_last_epoch_is_validated_whatever_the_validation_interval(synth_data, tmp_path):
+    """3 epochs validated every 2nd: the third is validated too, so the run reports (and may keep as its best)
+    the weights it ends with, not the second epoch's."""
+    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=3",
+                         "trainer.check_val_every_n_epoch=2"], tmp_path)  # fmt: skip
+    result = train(cfg)
+    rows = [r.split(",") for r in (tmp_path / "val_ne.csv").read_text().splitlines()]
+    assert [r[0] for r in rows] == ["epoch", "1", "2"]
+    assert result["val_ne"] == pytest.approx(float(rows[-1][2]))
+
+
 def test_the_best_checkpoint_validation_adds_no_row_to_the_epoch_table(synth_data, tmp_path):
     cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=2",
                          "validate_best=true"], tmp_path)  # fmt: skip
@@ -227,6 +238,31 @@ def test_the_best_checkpoint_validation_adds_no_row_to_the_epoch_table(synth_dat
     assert [r.split(",")[0] for r in rows] == ["epoch", "0", "1"]
     best = json.loads((tmp_path / "val_ne_best.json").read_text())
     assert best["unit"] == "%" and best["ne"] == pytest.approx(result["best_val_ne"])
+
+
+def test_the_best_checkpoint_is_validated_again_only_when_other_weights_were_validated_last(
+    synth_data, tmp_path, monkeypatch
+):
+    """A fit whose last validation saved the best checkpoint reports that validation (it scored the same weights)
+    rather than repeat it: 95 s of the CPU recipe's 45 minutes; a checkpoint from another step is validated."""
+    import pytorch_lightning as pl
+
+    from fashionkp.training.train import saved_at_last_validation
+
+    validations = []
+    validate = pl.Trainer.validate
+    monkeypatch.setattr(pl.Trainer, "validate", lambda *a, **k: validations.append(k) or validate(*a, **k))
+    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1",
+                         "validate_best=true"], tmp_path)  # fmt: skip
+    result = train(cfg)
+    assert validations == []  # the one validation was the fit's own
+    best, last = (json.loads((tmp_path / f"val_ne_{n}.json").read_text()) for n in ("best", "last"))
+    assert best["checkpoint"] == result["best_checkpoint"] and best["ne"] == last["ne"] == result["best_val_ne"]
+    assert best["per_keypoint"] == last["per_keypoint"]
+    step = torch.load(result["best_checkpoint"], weights_only=False)["global_step"]
+    assert step > 0 and saved_at_last_validation(result["best_checkpoint"], type("Fit", (), {"last_val_step": step}))
+    assert not saved_at_last_validation(result["best_checkpoint"], type("Fit", (), {"last_val_step": step + 1}))
+    assert not saved_at_last_validation(result["best_checkpoint"], object())  # no validation during the fit
 
 
 def test_a_diverging_job_does_not_end_its_sweep(synth_data, tmp_path):

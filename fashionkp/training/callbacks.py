@@ -79,7 +79,7 @@ class FitEpochsToTime(pl.Callback):
         for config in trainer.lr_scheduler_configs:
             end_cosines_at(config.scheduler, self.epochs * self._steps_per_epoch(trainer))
         if trainer.current_epoch == self.epochs - 1:
-            trainer.check_val_every_n_epoch = 1  # the last epoch is validated: it is the one to keep
+            trainer.check_val_every_n_epoch = 1  # cut mid-epoch to this one: the last, to validate and keep
 
     def _fit(self, trainer: pl.Trainer, fit: int) -> None:
         """Cut the run to ``fit`` epochs (the first process's figure) if fewer than planned, never below the
@@ -119,8 +119,6 @@ class FitEpochsToTime(pl.Callback):
             fit = int(trainer.strategy.broadcast(trainer.current_epoch + int(left / per_epoch)))
             self._fit(trainer, fit)
             self._give_back(trainer, fit)
-        if self.epochs is not None and trainer.current_epoch == self.epochs - 1:
-            trainer.check_val_every_n_epoch = 1
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -144,6 +144,8 @@ class CPNModule(pl.LightningModule):
         # Summed over every process inside compute(): the breakdown is the whole split's under DDP too.
         result = NormalizedError.summarise(self.val_ne.compute())
         self.last_val_result = result
+        #: the optimizer steps behind the weights scored (a checkpoint saved at this validation records the same)
+        self.last_val_step = None if self.trainer.sanity_checking else self.trainer.global_step
         # In percent, like every NE fashionkp shows (progress bar, logs, tables, files).
         self.log("val/ne", 100 * result.ne, prog_bar=True, sync_dist=False)
         for category, value in result.per_category.items():
@@ -162,6 +164,12 @@ class CPNModule(pl.LightningModule):
             # that many modules, so that a run which fails before on_fit_end leaves other counts warned about
             self._warning_filter = (rf"Found {frozen} module\(s\) in eval mode", PossibleUserWarning)
             warnings.filterwarnings("ignore", *self._warning_filter)
+
+    def on_train_epoch_start(self) -> None:
+        # The last epoch is validated whatever trainer.check_val_every_n_epoch says (also after a time budget's cut,
+        # made in the callbacks' hooks, which run before this one): its weights are the run's to keep and report.
+        if self.trainer.current_epoch == self.trainer.max_epochs - 1:
+            self.trainer.check_val_every_n_epoch = 1
 
     def on_fit_end(self) -> None:
         added = getattr(self, "_warning_filter", None)
