@@ -210,9 +210,10 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(synth_
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
 
 
-def test_a_run_shorter_than_the_validation_interval_still_reports_its_ne(synth_data, tmp_path):
-    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1",
-                         "trainer.check_val_every_n_epoch=5"], tmp_path)  # fmt: skip
+def test_a_run_stopped_before_its_last_epoch_ends_still_reports_its_ne(synth_data, tmp_path):
+    # stopped by max_steps in the first of two epochs, which no validation interval reaches
+    cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=2",
+                         "trainer.check_val_every_n_epoch=5", "+trainer.max_steps=2"], tmp_path)  # fmt: skip
     result = train(cfg)
     assert np.isfinite(result["val_ne"])
     assert np.isfinite(json.loads((tmp_path / "result.json").read_text())["val_ne"])
@@ -230,7 +231,25 @@ def test_the_last_epoch_is_validated_whatever_the_validation_interval(synth_data
     assert result["val_ne"] == pytest.approx(float(rows[-1][2]))
 
 
-def test_the_best_checkpoint_validation_adds_no_row_to_the_epoch_table(synth_data, tmp_path):
+def test_a_run_resumed_inside_its_last_epoch_validates_it(synth_data, tmp_path):
+    """Lightning does not start a resumed epoch again (no on_train_epoch_start): the last epoch is validated and
+    kept as the best checkpoint all the same."""
+    # 36 training images, batch 4: 9 steps an epoch; stopped at step 12, 3 steps into the second and last epoch
+    common = [*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=2",
+              "trainer.check_val_every_n_epoch=5", "callbacks.step_checkpoint.every_n_train_steps=3"]  # fmt: skip
+    train(compose_train([*common, "+trainer.max_steps=12"], tmp_path / "stopped"))
+    step = tmp_path / "stopped" / "checkpoints" / "step.ckpt"
+    assert torch.load(step, weights_only=False)["global_step"] == 12
+    resumed = train(compose_train([*common, f"ckpt_path={step}"], tmp_path / "resumed"))
+    assert resumed["global_step"] == 18
+    assert Path(resumed["best_checkpoint"]).name.startswith("epoch001-")
+    rows = (tmp_path / "resumed" / "val_ne.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1"]
+
+
+def test_the_best_checkpoint_validation_adds_no_row_to_the_epoch_table(synth_data, tmp_path, monkeypatch):
+    # validated again as when the best checkpoint is not the weights validated last
+    monkeypatch.setattr("fashionkp.training.train.saved_at_last_validation", lambda checkpoint, module: False)
     cfg = compose_train([*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=2",
                          "validate_best=true"], tmp_path)  # fmt: skip
     result = train(cfg)
@@ -244,7 +263,8 @@ def test_the_best_checkpoint_is_validated_again_only_when_other_weights_were_val
     synth_data, tmp_path, monkeypatch
 ):
     """A fit whose last validation saved the best checkpoint reports that validation (it scored the same weights)
-    rather than repeat it: 95 s of the CPU recipe's 45 minutes; a checkpoint from another step is validated."""
+    rather than repeat it (about 130 s of the CPU recipe's 45 minutes); a checkpoint from another step, or one that
+    cannot be read as a local file, is validated."""
     import pytorch_lightning as pl
 
     from fashionkp.training.train import saved_at_last_validation
@@ -263,6 +283,7 @@ def test_the_best_checkpoint_is_validated_again_only_when_other_weights_were_val
     assert step > 0 and saved_at_last_validation(result["best_checkpoint"], type("Fit", (), {"last_val_step": step}))
     assert not saved_at_last_validation(result["best_checkpoint"], type("Fit", (), {"last_val_step": step + 1}))
     assert not saved_at_last_validation(result["best_checkpoint"], object())  # no validation during the fit
+    assert not saved_at_last_validation(str(tmp_path / "elsewhere.ckpt"), type("Fit", (), {"last_val_step": step}))
 
 
 def test_a_diverging_job_does_not_end_its_sweep(synth_data, tmp_path):

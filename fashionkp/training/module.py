@@ -165,7 +165,13 @@ class CPNModule(pl.LightningModule):
             self._warning_filter = (rf"Found {frozen} module\(s\) in eval mode", PossibleUserWarning)
             warnings.filterwarnings("ignore", *self._warning_filter)
 
+    def on_train_start(self) -> None:
+        self._validate_if_last_epoch()  # a run resumed inside its last epoch does not start that epoch again
+
     def on_train_epoch_start(self) -> None:
+        self._validate_if_last_epoch()
+
+    def _validate_if_last_epoch(self) -> None:
         # The last epoch is validated whatever trainer.check_val_every_n_epoch says (also after a time budget's cut,
         # made in the callbacks' hooks, which run before this one): its weights are the run's to keep and report.
         if self.trainer.current_epoch == self.trainer.max_epochs - 1:

@@ -159,8 +159,12 @@ def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> pl.Trainer
 
 
 def saved_at_last_validation(checkpoint: str, module: CPNModule) -> bool:
-    """Whether ``checkpoint`` holds the weights the fit's last validation scored: saved at the same optimizer step."""
-    step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+    """Whether ``checkpoint`` holds the weights the fit's last validation scored: saved at the same optimizer step.
+    False where the file cannot be read here as one local file (a remote or sharded checkpoint): validate it."""
+    try:
+        step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+    except (OSError, RuntimeError, AttributeError):
+        return False
     return step is not None and step == getattr(module, "last_val_step", None)
 
 
@@ -170,7 +174,7 @@ def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -
     trainer = build_trainer(cfg, loggers, build_callbacks(cfg, with_logger=bool(loggers)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path")))
     if "val/ne" not in trainer.callback_metrics and not trainer.interrupted:
-        # A run shorter than check_val_every_n_epoch: validate the final weights rather than report NaN.
+        # A run stopped before its last epoch's end (max_steps, max_time): validate the final weights, not report NaN.
         trainer.validate(module, datamodule=datamodule, verbose=False)
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
@@ -183,8 +187,9 @@ def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -
         "global_step": trainer.global_step,
     }
     if cfg.get("validate_best") and best:
-        if saved_at_last_validation(best, module):
-            # the weights in memory are the checkpoint's, and their validation is done (95 s saved on the CPU recipe)
+        # every process takes the first one's decision: they validate together or not at all
+        if trainer.strategy.broadcast(saved_at_last_validation(best, module)):
+            # the weights in memory are the checkpoint's, and their validation is done (about 130 s on the CPU recipe)
             log.info("the best checkpoint is the last validated weights: their validation stands")
         else:
             for callback in trainer.callbacks:
