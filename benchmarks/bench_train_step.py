@@ -22,6 +22,9 @@ from fashionkp.inference.precision import cpu_features  # noqa: E402
 from fashionkp.models import CPN, build_backbone, make_depthwise_train_in_fp32  # noqa: E402
 from fashionkp.training.losses import CPNLoss  # noqa: E402
 
+#: the "fp32-dw" step with the stem and this many backbone stages frozen (model.frozen_backbone_stages)
+FROZEN = (2, 3)
+
 # conf/model/cpn.yaml's loss (the defaults of the former LossConfig) on every row, as before, so the figures
 # compare with BENCHMARKS.md; the CPU recipe (experiment=fashionai_cpu) trains with ohkm_ratio 1.0 instead.
 LOSS = CPNLoss(pos_weight=20.0, ohkm_ratio=0.5, global_all_levels=True, global_weight=1.0, type_weight=0.1)
@@ -88,19 +91,19 @@ def main() -> None:
         fast = step_seconds(backbone, size, width, True, args.batch, repeats)
         bf16 = step_seconds(backbone, size, width, True, args.batch, repeats, bf16=True)
         mixed = step_seconds(backbone, size, width, True, args.batch, repeats, bf16=True, depthwise_fp32=True)
-        frozen = step_seconds(backbone, size, width, True, args.batch, repeats, True, True, frozen_stages=2)
-        frozen3 = step_seconds(backbone, size, width, True, args.batch, repeats, True, True, frozen_stages=3)
-        rows.append({"backbone": backbone, "input": size, "head width": width, "eager s/step": f"{eager:.2f}",
-                     "channels_last s/step": f"{fast:.2f}", "ratio": f"{fast / eager:.2f}",
-                     "bf16 channels_last s/step": f"{bf16:.2f}", "bf16 speed-up": f"{fast / bf16:.2f}x",
-                     "bf16 fp32-dw s/step": f"{mixed:.2f}", "fp32-dw speed-up": f"{fast / mixed:.2f}x",
-                     "+ frozen 2 s/step": f"{frozen:.2f}", "frozen 2 speed-up": f"{fast / frozen:.2f}x",
-                     "+ frozen 3 s/step": f"{frozen3:.2f}", "frozen 3 speed-up": f"{fast / frozen3:.2f}x"})  # fmt: skip
+        row = {"backbone": backbone, "input": size, "head width": width, "eager s/step": f"{eager:.2f}",
+               "channels_last s/step": f"{fast:.2f}", "ratio": f"{fast / eager:.2f}",
+               "bf16 channels_last s/step": f"{bf16:.2f}", "bf16 speed-up": f"{fast / bf16:.2f}x",
+               "bf16 fp32-dw s/step": f"{mixed:.2f}", "fp32-dw speed-up": f"{fast / mixed:.2f}x"}  # fmt: skip
+        for stages in FROZEN:
+            frozen = step_seconds(backbone, size, width, True, args.batch, repeats, True, True, frozen_stages=stages)
+            row |= {f"+ frozen {stages} s/step": f"{frozen:.2f}", f"frozen {stages} speed-up": f"{fast / frozen:.2f}x"}
+        rows.append(row)
     print(f"CPU training step ({cpu_features().describe()}), batch {args.batch}, {args.threads} threads, "
           f"median of {repeats}; speed-up = fp32 channels_last time / the column's time")  # fmt: skip
     columns = ["backbone", "input", "head width", "eager s/step", "channels_last s/step", "ratio",
                "bf16 channels_last s/step", "bf16 speed-up", "bf16 fp32-dw s/step", "fp32-dw speed-up",
-               "+ frozen 2 s/step", "frozen 2 speed-up", "+ frozen 3 s/step", "frozen 3 speed-up"]  # fmt: skip
+               *(c for n in FROZEN for c in (f"+ frozen {n} s/step", f"frozen {n} speed-up"))]  # fmt: skip
     print_table(rows, columns)
 
 

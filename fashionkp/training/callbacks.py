@@ -41,6 +41,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def validate_if_last_epoch(trainer: pl.Trainer) -> None:
+    """Validate the current epoch if it is the run's last (``trainer.max_epochs``, after any time-budget cut),
+    whatever ``trainer.check_val_every_n_epoch`` says: its weights are the run's to keep and report."""
+    if trainer.current_epoch == trainer.max_epochs - 1:
+        trainer.check_val_every_n_epoch = 1
+
+
 class FitEpochsToTime(pl.Callback):
     """Fit the run to its time budget (``trainer.max_time``): after ``probe_steps`` timed steps, cut the number
     of epochs to what fits (``reserve`` of the time left kept for validations), end the LR schedule there and
@@ -78,8 +85,7 @@ class FitEpochsToTime(pl.Callback):
         trainer.fit_loop.max_epochs = self.epochs
         for config in trainer.lr_scheduler_configs:
             end_cosines_at(config.scheduler, self.epochs * self._steps_per_epoch(trainer))
-        if trainer.current_epoch == self.epochs - 1:
-            trainer.check_val_every_n_epoch = 1  # cut mid-epoch to this one: the last, to validate and keep
+        validate_if_last_epoch(trainer)  # a cut made mid-epoch may make this epoch the last
 
     def _fit(self, trainer: pl.Trainer, fit: int) -> None:
         """Cut the run to ``fit`` epochs (the first process's figure) if fewer than planned, never below the

@@ -23,6 +23,7 @@ from fashionkp.evaluation.metric import NormalizedError, garment_type_report
 from fashionkp.inference.checkpoint import CheckpointError, TrainedModel, build_model
 from fashionkp.inference.predictor import KeypointPredictor, PhotoBatch, TorchHeatmapRunner
 from fashionkp.models import CPNOutput, make_depthwise_train_in_fp32
+from fashionkp.training.callbacks import validate_if_last_epoch
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +167,11 @@ class CPNModule(pl.LightningModule):
             warnings.filterwarnings("ignore", *self._warning_filter)
 
     def on_train_start(self) -> None:
-        self._validate_if_last_epoch()  # a run resumed inside its last epoch does not start that epoch again
+        validate_if_last_epoch(self.trainer)  # a run resumed inside its last epoch does not start that epoch again
 
     def on_train_epoch_start(self) -> None:
-        self._validate_if_last_epoch()
-
-    def _validate_if_last_epoch(self) -> None:
-        # The last epoch is validated whatever trainer.check_val_every_n_epoch says (also after a time budget's cut,
-        # made in the callbacks' hooks, which run before this one): its weights are the run's to keep and report.
-        if self.trainer.current_epoch == self.trainer.max_epochs - 1:
-            self.trainer.check_val_every_n_epoch = 1
+        # after the callbacks' hooks, so after a time budget's cut at this epoch start
+        validate_if_last_epoch(self.trainer)
 
     def on_fit_end(self) -> None:
         added = getattr(self, "_warning_filter", None)
