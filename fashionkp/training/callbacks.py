@@ -21,6 +21,7 @@ from timm.layers import convert_sync_batchnorm
 from torch import nn
 
 from fashionkp.data.keypoints import CATEGORIES, KEYPOINT_NAMES
+from fashionkp.errors import ConfigError
 from fashionkp.training.schedules import end_cosines_at
 
 log = logging.getLogger(__name__)
@@ -50,24 +51,31 @@ def validate_if_last_epoch(trainer: pl.Trainer) -> None:
 
 class FitEpochsToTime(pl.Callback):
     """Fit the run to its time budget (``trainer.max_time``): after ``probe_steps`` timed steps, cut the number
-    of epochs to what fits (``reserve`` of the time left kept for validations), end the LR schedule there and
-    validate the last epoch; at each later epoch start, cut again if whole epochs (validation included) turn
-    out slower, and in the first half of the run give back what such a cut took once they run faster again (a
-    busy minute on a shared machine must not cost the run a quarter of its epochs), never beyond the probe's
-    figure. Without it a slower machine stops a run mid-schedule, its learning rate still high. Inactive
-    without ``max_time``. A cut is saved in the checkpoints, so a resumed run keeps it; every process of a
-    distributed run takes the first's decision."""
+    of epochs to what fits, end the LR schedule there and validate the last epoch. ``reserve`` (a share of
+    ``max_time``) is kept back for the last epoch's validation and a busy minute. At each later epoch start the
+    plan is made again from the steps of the last ``window`` epochs (their training time; validations are timed
+    apart and counted for each one the interval still asks): it cuts the run if they ran slower, and in the
+    run's first half, where moving the end of the cosine barely moves the learning rate, gives back epochs, up
+    to those asked, if they ran faster (a busy minute on a shared machine must not cost the run a quarter of its
+    epochs, nor a slow first minute leave the budget unspent). Without it a slower machine stops a run
+    mid-schedule, its learning rate still high. Inactive without ``max_time``. The plan is saved in the
+    checkpoints, so a resumed run keeps it; every process of a distributed run takes the first's decision."""
 
-    def __init__(self, probe_steps: int, reserve: float) -> None:
-        self.probe_steps, self.reserve = probe_steps, reserve
+    def __init__(self, probe_steps: int, reserve: float, window: int) -> None:
+        if window < 1:
+            raise ConfigError("callbacks.time_budget.window", window, "must be at least one epoch")
+        self.probe_steps, self.reserve, self.window = probe_steps, reserve, window
         #: the epochs of a run the budget shortened (None: as many as asked)
         self.epochs: int | None = None
-        #: the epochs the step probe fitted: the most a later, faster stretch may give back
-        self.probe_epochs: int | None = None
+        #: trainer.max_epochs as configured: a cut overwrites the trainer's figure
+        self._asked_epochs: int | None = None
         self._first_step: tuple[int, float] | None = None
         #: the step probe has run: from then on the epoch starts check the budget
         self._probed = False
-        self._first_epoch: tuple[int, float] | None = None
+        #: (global step, clock, validation seconds so far) at each epoch start of this fit
+        self._epoch_starts: list[tuple[int, float, float]] = []
+        self._validating_since: float | None = None
+        self._validation_seconds: list[float] = []
 
     @staticmethod
     def _timer(trainer: pl.Trainer) -> Timer | None:
@@ -78,14 +86,32 @@ class FitEpochsToTime(pl.Callback):
         return math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
 
     def _asked(self, trainer: pl.Trainer) -> int | float:
+        asked = trainer.max_epochs if self._asked_epochs is None else self._asked_epochs
         # max_epochs=-1 (or None): as many as max_time allows
-        return trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+        return asked if asked and asked > 0 else math.inf
+
+    def _left(self, timer: Timer) -> float:
+        """Seconds of the budget left for training, the reserve kept back."""
+        return timer.time_remaining("train") - self.reserve * timer._duration
 
     def _apply(self, trainer: pl.Trainer) -> None:
         trainer.fit_loop.max_epochs = self.epochs
         for config in trainer.lr_scheduler_configs:
             end_cosines_at(config.scheduler, self.epochs * self._steps_per_epoch(trainer))
         validate_if_last_epoch(trainer)  # a cut made mid-epoch may make this epoch the last
+
+    def _epochs_that_fit(self, trainer: pl.Trainer, seconds: float, epoch_seconds: float) -> int:
+        """The most epochs (the current one and the next ones, with the validations that the interval asks after
+        them) that ``seconds`` hold."""
+        validation = sum(self._validation_seconds) / len(self._validation_seconds) if self._validation_seconds else 0
+        every = trainer.check_val_every_n_epoch or 1
+        first = end = trainer.current_epoch
+        while end < min(self._asked(trainer), first + 100_000):
+            validations = (end + 1) // every - first // every  # epochs first .. end at the interval
+            if (end + 1 - first) * epoch_seconds + validations * validation > seconds:
+                break
+            end += 1
+        return end
 
     def _fit(self, trainer: pl.Trainer, fit: int) -> None:
         """Cut the run to ``fit`` epochs (the first process's figure) if fewer than planned, never below the
@@ -95,12 +121,12 @@ class FitEpochsToTime(pl.Callback):
             self._plan(trainer, fit, "fit in trainer.max_time")
 
     def _give_back(self, trainer: pl.Trainer, fit: int) -> None:
-        """Raise a cut to ``fit`` epochs (at most the probe's figure and the epochs asked) while the run is in its
-        first half, where stretching the cosine barely moves the learning rate."""
-        if self.epochs is None or self.probe_epochs is None or trainer.current_epoch > self.epochs // 2:
+        """Raise a cut to ``fit`` epochs (at most the epochs asked) while the run is in its first half, where
+        stretching the cosine barely moves the learning rate."""
+        if self.epochs is None or trainer.current_epoch > self.epochs // 2:
             return
-        fit = min(fit, self.probe_epochs, self._asked(trainer))
-        if fit >= self.epochs + 2:  # not for one epoch, which the next validation may take back
+        fit = min(fit, self._asked(trainer))
+        if fit >= self.epochs + 2:  # not for one epoch, which the next check may take back
             self._plan(trainer, fit, "fit again, epochs running faster")
 
     def _plan(self, trainer: pl.Trainer, epochs: int, why: str) -> None:
@@ -109,22 +135,37 @@ class FitEpochsToTime(pl.Callback):
         self._apply(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._asked_epochs = trainer.max_epochs  # before a cut (a resumed run's included) overwrites it
+        self._epoch_starts, self._validation_seconds = [], []
         if self.epochs is not None and self._timer(trainer) is not None:  # resumed: the cut made before
             self._apply(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validating_since = time.monotonic()
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self._validating_since is not None:
+            self._validation_seconds.append(time.monotonic() - self._validating_since)
+            self._validating_since = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         timer, now = self._timer(trainer), time.monotonic()
         if timer is None:
             return
-        if self._first_epoch is None:
-            self._first_epoch = (trainer.current_epoch, now)
-        elif trainer.current_epoch > self._first_epoch[0]:
-            # whole epochs so far, validations and checkpoints included
-            per_epoch = (now - self._first_epoch[1]) / (trainer.current_epoch - self._first_epoch[0])
-            left = timer.time_remaining("train") * (1 - self.reserve)
-            fit = int(trainer.strategy.broadcast(trainer.current_epoch + int(left / per_epoch)))
-            self._fit(trainer, fit)
-            self._give_back(trainer, fit)
+        self._epoch_starts.append((trainer.global_step, now, sum(self._validation_seconds)))
+        if len(self._epoch_starts) < 2:
+            return
+        # the training time of the last `window` epochs' steps (checkpoints included, validations not), by the
+        # step: the first of them may be a resumed run's part of an epoch
+        step, since, validated = self._epoch_starts[-1 - min(self.window, len(self._epoch_starts) - 1)]
+        if trainer.global_step <= step:
+            return
+        per_step = (now - since - (sum(self._validation_seconds) - validated)) / (trainer.global_step - step)
+        fit = self._epochs_that_fit(trainer, self._left(timer), per_step * self._steps_per_epoch(trainer))
+        fit = int(trainer.strategy.broadcast(fit))
+        self._fit(trainer, fit)
+        self._give_back(trainer, fit)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -140,17 +181,15 @@ class FitEpochsToTime(pl.Callback):
         if steps >= self.probe_steps:
             per_step = (time.monotonic() - self._first_step[1]) / steps
             log.info("time budget: %.2f s per step", per_step)
-            fit = trainer.global_step + timer.time_remaining("train") * (1 - self.reserve) / per_step
             self._probed = True
-            fit = int(trainer.strategy.broadcast(int(fit // self._steps_per_epoch(trainer))))
-            self.probe_epochs = fit
-            self._fit(trainer, fit)
+            fit = (trainer.global_step + self._left(timer) / per_step) // self._steps_per_epoch(trainer)
+            self._fit(trainer, int(trainer.strategy.broadcast(int(fit))))
 
     def state_dict(self) -> dict:
-        return {"epochs": self.epochs, "probe_epochs": self.probe_epochs}
+        return {"epochs": self.epochs}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epochs, self.probe_epochs = state["epochs"], state.get("probe_epochs")
+        self.epochs = state["epochs"]
 
 
 class TimmSyncBatchNorm(TorchSyncBatchNorm):
