@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 
 from fashionkp.data.fashionai import read_splits  # noqa: E402
-from fashionkp.data.keypoints import CATEGORY_KEYPOINTS  # noqa: E402
+from fashionkp.data.keypoints import CATEGORY_ID, CATEGORY_KEYPOINTS  # noqa: E402
 from fashionkp.data.split import split_records  # noqa: E402
 from fashionkp.inference.checkpoint import load_checkpoint  # noqa: E402
 from fashionkp.inference.precision import (  # noqa: E402
@@ -71,6 +71,7 @@ def main() -> None:
     val = split_records(read_splits([args.photos], None, "skip"), 0.2, "fashionkp")[1]
     val = [val[i] for i in np.linspace(0, len(val) - 1, min(args.n, len(val))).astype(int)]
     inputs = np.concatenate([letterboxed(r.image_path, size) for r in val])
+    types = np.array([CATEGORY_ID[r.category] for r in val], dtype=np.int64)
     own = torch.zeros(len(val), 24, dtype=torch.bool)
     for i, record in enumerate(val):
         own[i, list(CATEGORY_KEYPOINTS[record.category])] = True
@@ -80,12 +81,17 @@ def main() -> None:
         options = SessionOptions()
         options.intra_op_num_threads = args.threads
         session = InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        told = "types" in [i.name for i in session.get_inputs()]  # a model told each photo's garment type
+
+        def feed(rows: slice) -> dict:
+            return {"images": inputs[rows], **({"types": types[rows]} if told else {})}
+
         batches = range(0, len(inputs), 8)
-        heatmaps = np.concatenate([session.run(None, {"images": inputs[i : i + 8]})[0] for i in batches])
+        heatmaps = np.concatenate([session.run(None, feed(slice(i, i + 8)))[0] for i in batches])
         times = []
         for _ in range(20):
             start = time.perf_counter()
-            session.run(None, {"images": inputs[:1]})
+            session.run(None, feed(slice(0, 1)))
             times.append(time.perf_counter() - start)
         return codec.decode(torch.from_numpy(heatmaps))[0], 1000 * float(np.median(times))
 

@@ -55,7 +55,8 @@ def check_train_config(cfg: DictConfig) -> None:
     resolution = cfg.resolution
     if not isinstance(resolution, int) or resolution <= 0 or resolution % 32:
         raise ConfigError("resolution", resolution, "the input side must be a positive multiple of 32", "e.g. 192, 256")
-    for key in ("heatmap.sigma", "heatmap.decode_sigma", "model.optimizer.lr", "data.batch_size"):
+    for key in ("heatmap.sigma", "heatmap.decode_sigma", "model.optimizer.lr", "model.backbone_lr_factor",
+                "data.batch_size"):  # fmt: skip
         value = OmegaConf.select(cfg, key)
         if value is not None and not value > 0:
             raise ConfigError(key, value, "must be positive")
@@ -65,6 +66,9 @@ def check_train_config(cfg: DictConfig) -> None:
         # the validation loss is computed at the input size the model trains at
         raise ConfigError("model.test_scales", test_scales, f"none runs the model at its input size {resolution}",
                           "include 1.0, e.g. [0.9,1.0,1.1]")  # fmt: skip
+    if cfg.model.get("garment_type_input") and cfg.clothes.name != "all":
+        raise ConfigError("model.garment_type_input", True, f"a clothes={cfg.clothes.name} model serves one garment "
+                          "type: there is no type to tell it (clothes=all)")  # fmt: skip
     check_two_passes(cfg)
     check_sync_batchnorm(cfg.trainer)
     fraction = cfg.data.val_fraction

@@ -191,6 +191,41 @@ def test_frozen_backbone_stages_stay_as_pretrained_and_resume_only_as_trained(tm
         train(compose_train(resume, tmp_path / "resumed"))
 
 
+def test_optimizer_groups_scale_the_backbone_lr_and_spare_norms_and_biases_from_decay(tmp_path, synth_data):
+    """model.backbone_lr_factor=0.25 and model.decay_norms_and_biases=false: after a short run each trained tensor
+    sits in exactly one group, the backbone's at a quarter of the head's LR (both along the same cosine), and
+    batch-norm scales, shifts and biases with no weight decay; by default one group, as before the options."""
+    common = [*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1",
+              "model.frozen_backbone_stages=1", "model.optimizer.weight_decay=0.05"]  # fmt: skip
+    cfg = compose_train([*common, "model.backbone_lr_factor=0.25", "model.decay_norms_and_biases=false"], tmp_path)
+    module, _ = build(cfg)
+    groups = module.parameter_groups()
+    group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    trained = [(n, p) for n, p in module.model.named_parameters() if p.requires_grad]
+    assert len(groups) == 4 and sum(len(g["params"]) for g in groups) == len(trained)
+    assert set(group_of) == {id(p) for _, p in trained}  # each trained tensor once, no frozen one
+    optimizer = instantiate(cfg.model.optimizer)(params=groups)  # as configure_optimizers makes it
+    for name, p in trained:
+        group = optimizer.param_groups[group_of[id(p)]]
+        factor = 0.25 if name.startswith("backbone.") else 1.0
+        assert group["lr"] == pytest.approx(cfg.model.optimizer.lr * factor), name
+        assert group["weight_decay"] == (0.0 if p.ndim <= 1 else 0.05), name
+    assert {n.split(".")[0] for n, p in trained if p.ndim <= 1} >= {"backbone", "refine_net"}
+    # trained: the checkpoint's groups, the same sizes, each along the same cosine
+    last = train(cfg)["last_checkpoint"]
+    saved = _state(Path(last))["optimizer_states"][0]["param_groups"]
+    assert [len(g["params"]) for g in saved] == [len(g["params"]) for g in groups]
+    assert sorted(g["initial_lr"] for g in saved) == pytest.approx(sorted(g["lr"] for g in optimizer.param_groups))
+    assert len({round(g["lr"] / g["initial_lr"], 9) for g in saved}) == 1
+    # the defaults: one group, as before the options existed
+    default = compose_train(common, tmp_path / "default")
+    assert len(build(default)[0].parameter_groups()) == 1
+    # the saved groups keep their learning rates: a resumed run groups as it was trained, or is told to
+    resume = [*common, "model.backbone_lr_factor=0.5", "model.decay_norms_and_biases=false", f"ckpt_path={last}"]
+    with pytest.raises(CheckpointError, match="trained with model.backbone_lr_factor=0.25: resume it with that value"):
+        train(compose_train(resume, tmp_path / "resumed"))
+
+
 def test_last_ckpt_is_the_last_epoch_whatever_the_best_checkpoint_does(tmp_path, synth_data):
     # Lightning's save_last writes last.ckpt only when the best-checkpoint callback saves (a better val/ne); here
     # that callback saves no epoch of the three, as when val/ne stops improving. last.ckpt, what a resume starts

@@ -52,6 +52,11 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
         ),
         ("model.test_scales=[0]", "model.test_scales=[0]: must be a list of positive factors"),
         ("model.frozen_backbone_stages=5", "model.frozen_backbone_stages=5: must be 0 to 4"),
+        ("model.backbone_lr_factor=0", "model.backbone_lr_factor=0: must be positive"),
+        (
+            "clothes=skirt model.garment_type_input=true",
+            "model.garment_type_input=True: a clothes=skirt model serves one garment type: there is no type to tell it",
+        ),
         (
             "trainer=ddp trainer.accelerator=cpu",
             "trainer.sync_batchnorm=True: synchronized batch norms need GPUs"

@@ -64,8 +64,15 @@ def build_model(hparams: dict[str, Any]) -> tuple[CPN, HeatmapCodec]:
     clothes = check_category(hparams["clothes"], allow_all=True)
     # a garment type is only worth telling for a model that serves every type
     num_types = len(CATEGORIES) if hparams.get("type_head") and clothes == ALL else 0
+    # checkpoints from before the option: no garment-type input
+    num_input_types = len(CATEGORIES) if hparams.get("garment_type_input") and clothes == ALL else 0
     model = build_cpn(
-        hparams["backbone"], len(channels_for(clothes)), hparams["width"], hparams["refine_upsample"], num_types
+        hparams["backbone"],
+        len(channels_for(clothes)),
+        hparams["width"],
+        hparams["refine_upsample"],
+        num_types,
+        num_input_types,
     )
     # the stride is the network's: that of its finest feature map
     return model, build_codec(hparams["codec"], model.stride)

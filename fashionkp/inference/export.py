@@ -1,5 +1,6 @@
-"""ONNX export of a trained model: raw RGB pixels (N, 3, H, W) in, RefineNet heatmaps out; batch and size
-dynamic (H and W multiples of 32), so multi-scale test runs through it too."""
+"""ONNX export of a trained model: raw RGB pixels (N, 3, H, W) in (and the garment types (N,) for a model told
+them), RefineNet heatmaps out; batch and size dynamic (H and W multiples of 32), so multi-scale test runs through
+it too."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ DYNAMIC_AXES = {
     "images": {0: "batch", 2: "height", 3: "width"},
     "heatmaps": {0: "batch", 2: "h", 3: "w"},
     "garment_type": {0: "batch"},
+    "types": {0: "batch"},
 }
 
 
@@ -27,6 +29,9 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
     trained = load_checkpoint(checkpoint)
     model = HeatmapModel(trained.model).eval()
     dummy = torch.rand(1, 3, trained.input_size, trained.input_size) * 255
+    inputs, args = ["images"], (dummy,)
+    if trained.model.type_input is not None:  # a second input: each photo's garment type (CATEGORIES order)
+        inputs, args = ["images", "types"], (dummy, torch.zeros(1, dtype=torch.int64))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # a model with a garment-type head has a second output: the type probabilities
@@ -34,8 +39,8 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (dummy,), str(out), input_names=["images"], output_names=outputs,
-            dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k == "images" or k in outputs},
+            model, args, str(out), input_names=inputs, output_names=outputs,
+            dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in inputs or k in outputs},
             opset_version=opset, dynamo=False,
         )  # fmt: skip
     import onnx

@@ -19,6 +19,7 @@ import torch
 
 from fashionkp.data.fashionai import read_splits
 from fashionkp.data.images import load_image
+from fashionkp.data.keypoints import CATEGORY_ID
 from fashionkp.data.split import split_records
 from fashionkp.data.transforms import letterbox
 from fashionkp.errors import ConfigError
@@ -188,11 +189,24 @@ def type_head_nodes(graph: onnx.GraphProto) -> list[str]:
     return [n.name for n in graph.node if "type_head" in n.name or n.op_type == "Softmax"]
 
 
+def type_input_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The nodes that turn the garment-type input into scales and shifts (those whose inputs are the types, what
+    derives from them alone, and constants): quantized together, one type's small values would round to another's."""
+    static = {i.name for i in graph.initializer} | {o for n in graph.node if not n.input for o in n.output}
+    derived, names = {"types"}, []
+    for node in graph.node:  # ONNX lists nodes in the order they run
+        inputs = [i for i in node.input if i]
+        if any(i in derived for i in inputs) and all(i in derived or i in static for i in inputs):
+            derived.update(node.output)
+            names.append(node.name)
+    return names
+
+
 def fp32_nodes(graph: onnx.GraphProto) -> list[str]:
-    """The nodes int8 leaves in fp32: the type head, and the arithmetic that computes padding amounts from
-    shapes (TF-style "same" padding of the EfficientNet backbones). Quantized, those amounts round to the wrong
-    whole pixels and shift feature maps: on the recipe's model that moved the median point by 3.4 input pixels,
-    0.2 with it in fp32, and cost 2.1 NE points (benchmarks/bench_int8_layers.py).
+    """The nodes int8 leaves in fp32: the type head, the garment-type input's arithmetic, and the arithmetic that
+    computes padding amounts from shapes (TF-style "same" padding of the EfficientNet backbones). Quantized, those
+    amounts round to the wrong whole pixels and shift feature maps: on the recipe's model that moved the median
+    point by 3.4 input pixels, 0.2 with it in fp32, and cost 2.1 NE points (benchmarks/bench_int8_layers.py).
     """
     producer = {out: node for node in graph.node for out in node.output}
     shape_math: dict[int, str] = {}
@@ -204,7 +218,7 @@ def fp32_nodes(graph: onnx.GraphProto) -> list[str]:
         shape_math[id(node)] = node.name
         if node.op_type != "Shape":  # a Shape reads the feature map only for its size: stop there
             pending.extend(node.input)
-    return sorted(set(shape_math.values()) | set(type_head_nodes(graph)))
+    return sorted(set(shape_math.values()) | set(type_head_nodes(graph)) | set(type_input_nodes(graph)))
 
 
 def quantize_int8(
@@ -222,12 +236,22 @@ def quantize_int8(
 
     if not photos:
         raise ConfigError("calibration_root", None, "int8 needs calibration photos (training photos of the model)")
-    info = read_info(onnx.load(str(fp32_onnx)))
+    proto = onnx.load(str(fp32_onnx))
+    info = read_info(proto)
     input_size = info["input_size"]
+    takes_types = "types" in [i.name for i in proto.graph.input]
+    if takes_types and any(Path(p).parent.name not in CATEGORY_ID for p in photos):
+        log.warning("int8: calibration photos outside a FashionAI type folder (Images/<type>/) are told blouse")
+
+    def feed(photo: Path | str) -> dict:
+        inputs = {"images": letterboxed(photo, input_size)}
+        if takes_types:  # the photo's type, from its FashionAI folder
+            inputs["types"] = np.array([CATEGORY_ID.get(Path(photo).parent.name, 0)], dtype=np.int64)
+        return inputs
 
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches: Iterator[dict] = ({"images": letterboxed(p, input_size)} for p in photos)
+            self.batches: Iterator[dict] = (feed(p) for p in photos)
 
         def get_next(self) -> dict | None:
             return next(self.batches, None)

@@ -31,6 +31,7 @@ from fashionkp.data.images import ImageReadError, load_image, to_rgb8
 from fashionkp.data.keypoints import (
     ALL,
     CATEGORIES,
+    CATEGORY_ID,
     CATEGORY_KEYPOINTS,
     NUM_KEYPOINTS,
     channels_for,
@@ -103,6 +104,8 @@ class TorchHeatmapRunner:
         self.mean_shape, self.path, self.crop_margin = trained.mean_shape, trained.path, trained.crop_margin
         self.scales = trained.scales
         self.has_type_head = trained.model.type_head is not None
+        #: whether the network is told each photo's garment type (``model.garment_type_input``)
+        self.takes_types = trained.model.type_input is not None
         self.channels_last, self.bf16 = channels_last, bf16
         self.precision = "bf16" if bf16 else "fp32"
         if channels_last:
@@ -112,23 +115,27 @@ class TorchHeatmapRunner:
     def from_checkpoint(cls, path: Path | str, device: torch.device, channels_last: bool = False, bf16: bool = False):
         return cls(load_checkpoint(path), device, channels_last, bf16)
 
-    def network(self, x: torch.Tensor) -> CPNOutput:
-        return self.model(x)
+    def network(self, x: torch.Tensor, types: torch.Tensor | None) -> CPNOutput:
+        return self.model(x, types)
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, images: np.ndarray | torch.Tensor, types: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``types``: (N,) garment-type indices (CATEGORIES order), for a network that takes them."""
         # without a device of its own (validation), the network's: a crop pass's inputs come from the CPU
         device = self.device or next(self.model.parameters()).device
         x = torch.as_tensor(images).to(device).float()
+        told = None if types is None else torch.as_tensor(types, device=device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # fp32 unless told bf16, even inside the autocast of training's bf16-mixed: the val/ne that selects
         # checkpoints is then the deployed fp32 predictor's, the NE evaluate.py gives.
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            output = self.network(x)
+            output = self.network(x, told)
         # fp32 from here on: under bf16 autocast the flip average would otherwise round in bf16 too
-        types = None if output.type_logits is None else output.type_logits.float().softmax(dim=1)
-        return output.refine_heatmaps.float(), types
+        probabilities = None if output.type_logits is None else output.type_logits.float().softmax(dim=1)
+        return output.refine_heatmaps.float(), probabilities
 
 
 class OnnxHeatmapRunner:
@@ -157,15 +164,28 @@ class OnnxHeatmapRunner:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.has_type_head = len(self.session.get_outputs()) > 1
+        self.takes_types = "types" in [i.name for i in self.session.get_inputs()]
         self.device = torch.device("cpu")
 
-    def __call__(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, images: np.ndarray | torch.Tensor, types: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         images = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
-        outputs = self.session.run(None, {"images": images.astype(np.float32)})
+        feed = {"images": images.astype(np.float32)}
+        if self.takes_types:
+            if types is None:
+                raise ValueError(f"{self.path}: the network takes each photo's garment type (model.garment_type_input)")
+            feed["types"] = np.asarray(types, dtype=np.int64)
+        outputs = self.session.run(None, feed)
         return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1]) if self.has_type_head else None
 
 
 HeatmapRunner = TorchHeatmapRunner | OnnxHeatmapRunner
+
+
+def takes_types(runner: HeatmapRunner) -> bool:
+    """Whether a runner's network is told each photo's garment type (runners made elsewhere are not)."""
+    return getattr(runner, "takes_types", False)
 
 
 @dataclass
@@ -495,19 +515,31 @@ class KeypointPredictor:
         return codec if self.decode_sigma is None else replace(codec, decode_sigma=self.decode_sigma)
 
     def _member_outputs(
-        self, member: Member, batch: PhotoBatch, index: list[int], scales: tuple[float, ...]
+        self,
+        member: Member,
+        batch: PhotoBatch,
+        index: list[int],
+        scales: tuple[float, ...],
+        categories: Sequence[str | None],
     ) -> _MemberOutput:
         """Heatmaps (n, K, g, g) of one member for the photos ``index``, averaged over ``scales`` and flips, on
-        its grid at the largest scale; and its type probabilities (n, 5), averaged likewise (None without a head)."""
+        its grid at the largest scale; and its type probabilities (n, 5), averaged likewise (None without a head).
+        A network with the garment-type input is told ``categories[i]`` of each photo (None, while the types are
+        being told: any type, the type head reads the backbone alone)."""
         runner = member.runner
+        told = None
+        if takes_types(runner):
+            # a placeholder for a photo whose type is still to be told (any type: the type head reads the backbone)
+            told = np.array([CATEGORY_ID[check_category(categories[i] or CATEGORIES[0])] for i in index])
         grid = input_size_at(runner.input_size, max(scales)) // runner.codec.stride
         heatmap_sum, type_sum, passes = None, None, 0
         for scale in scales:
             inputs = batch.at(input_size_at(runner.input_size, scale), index)
-            heatmaps, types = runner(inputs)
+            heatmaps, types = runner(inputs, told) if takes_types(runner) else runner(inputs)
             passes += 1
             if self.flip_test:
-                mirrored, mirrored_types = runner(_mirror(inputs))
+                mirrored = _mirror(inputs)
+                mirrored, mirrored_types = runner(mirrored, told) if takes_types(runner) else runner(mirrored)
                 heatmaps = 0.5 * (heatmaps + flip_back(mirrored, flip_permutation(runner.clothes)))
                 types = None if types is None else 0.5 * (types + mirrored_types)
             if heatmaps.shape[-1] != grid:
@@ -533,7 +565,7 @@ class KeypointPredictor:
         for m in members:
             served = [i for i, c in enumerate(categories) if m in by_category[c]]
             if served and id(m) not in ran:
-                ran[id(m)] = self._member_outputs(m, batch, served, scales)
+                ran[id(m)] = self._member_outputs(m, batch, served, scales, categories)
         out = np.full((len(batch), NUM_KEYPOINTS, 3), np.nan)
         for category, members in by_category.items():
             index = [i for i, c in enumerate(categories) if c == category]
@@ -585,10 +617,13 @@ class KeypointPredictor:
                     "clothes=all model trained with model.type_head=true does): give the type (clothes=...)"
                 )
             for m in heads:  # clothes=all models: they serve every photo, so what they see now is kept
-                ran[id(m)] = self._member_outputs(m, batch, list(range(len(batch))), self.scales)
+                ran[id(m)] = self._member_outputs(m, batch, list(range(len(batch))), self.scales, categories)
             told = self._type_probabilities(ran, len(batch))
             for i in unknown:
                 categories[i] = CATEGORIES[int(told[i].argmax())]
+            for m in heads:  # except the heatmaps of networks told a placeholder type: they run again, told theirs
+                if takes_types(m.runner):
+                    del ran[id(m)]
         points = self._one_pass(batch, categories, ran, self.scales, self.members)
         # with types to tell, every head already saw every photo: the pass added no type probabilities
         probabilities = told if unknown else self._type_probabilities(ran, len(batch))

@@ -55,14 +55,21 @@ class GlobalNet(nn.Module):
             for _ in in_channels
         )
 
-    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Returns pyramid features P2..P5 and one heatmap per level, each at the P2 resolution."""
+    def forward(
+        self, feats: list[torch.Tensor], modulation: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Returns pyramid features P2..P5 and one heatmap per level, each at the P2 resolution. ``modulation``
+        (N, levels, 2, width): a per-photo scale (1 + the first) and shift (the second) of each level's
+        features before their ReLU (see :class:`GarmentTypeInput`)."""
         pyramid = [None] * len(feats)
         top = self.laterals[-1](feats[-1])
         pyramid[-1] = top
         for i in range(len(feats) - 2, -1, -1):
             top = self.laterals[i](feats[i]) + self.top_down[i](upsample_to(top, feats[i]))
             pyramid[i] = top
+        if modulation is not None:
+            m = modulation.to(pyramid[0].dtype)[..., None, None]
+            pyramid = [p * (1 + m[:, i, 0]) + m[:, i, 1] for i, p in enumerate(pyramid)]
         pyramid = [F.relu(p) for p in pyramid]
         heatmaps = [upsample_to(pred(p), pyramid[0]) for pred, p in zip(self.predictors, pyramid, strict=True)]
         return pyramid, heatmaps
@@ -118,6 +125,22 @@ class TypeHead(nn.Module):
         return self.classifier(deepest.float().mean(dim=(2, 3)))
 
 
+class GarmentTypeInput(nn.Module):
+    """The photo's garment type as an input (FiLM, Perez et al., AAAI 2018): one learned scale and shift per
+    type for every channel of every pyramid level. Told "blouse", the network looks for the blouse's cuffs and
+    hem, not those of the coat worn over it. Zero at the start: the network begins as one without the input."""
+
+    def __init__(self, num_types: int, levels: int, width: int) -> None:
+        super().__init__()
+        self.levels, self.width = levels, width
+        self.table = nn.Embedding(num_types, levels * 2 * width)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, types: torch.Tensor) -> torch.Tensor:
+        """(N,) type indices -> (N, levels, 2, width) scales and shifts."""
+        return self.table(types.long()).view(-1, self.levels, 2, self.width)
+
+
 class CPN(nn.Module):
     def __init__(
         self,
@@ -126,6 +149,7 @@ class CPN(nn.Module):
         width: int = 256,
         refine_upsample: str = "bilinear",
         num_types: int = 0,
+        num_input_types: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -133,38 +157,60 @@ class CPN(nn.Module):
         self.global_net = GlobalNet(backbone.channels, width, num_keypoints)
         self.refine_net = RefineNet(len(backbone.channels), width, num_keypoints, refine_upsample)
         self.type_head = TypeHead(backbone.channels[-1], num_types) if num_types else None
+        self.type_input = GarmentTypeInput(num_input_types, len(backbone.channels), width) if num_input_types else None
 
     @property
     def stride(self) -> int:
         """Input pixels per heatmap pixel: the heatmaps live on the finest pyramid level's grid."""
         return self.backbone.reductions[0]
 
-    def forward(self, images: torch.Tensor) -> CPNOutput:
-        """``images``: (N, 3, H, W) RGB 0..255 floats, H and W multiples of 32."""
+    def modulation(self, types: torch.Tensor | None) -> torch.Tensor | None:
+        """The garment-type input's scales and shifts for (N,) type indices; None for a network without that
+        input. The type head reads the backbone alone: whatever type is given, it tells the same."""
+        if self.type_input is None:
+            return None
+        if types is None:
+            raise ValueError("this network takes each photo's garment type (model.garment_type_input)")
+        return self.type_input(types)
+
+    def forward(self, images: torch.Tensor, types: torch.Tensor | None = None) -> CPNOutput:
+        """``images``: (N, 3, H, W) RGB 0..255 floats, H and W multiples of 32; ``types``: (N,) garment-type
+        indices, for a network with the garment-type input."""
         feats = self.backbone(images)
-        pyramid, global_heatmaps = self.global_net(feats)
+        pyramid, global_heatmaps = self.global_net(feats, self.modulation(types))
         type_logits = None if self.type_head is None else self.type_head(feats[-1])
         return CPNOutput(global_heatmaps, self.refine_net(pyramid), type_logits)
 
 
 class HeatmapModel(nn.Module):
     """Plain view of a CPN for inference, tracing and ONNX export: ``images -> refine heatmaps``, or
-    ``images -> (refine heatmaps, garment-type probabilities)`` when the CPN has a type head."""
+    ``images -> (refine heatmaps, garment-type probabilities)`` when the CPN has a type head; ``(images,
+    types)`` in when it has the garment-type input."""
 
     def __init__(self, cpn: CPN) -> None:
         super().__init__()
         self.cpn = cpn
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, types: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         feats = self.cpn.backbone(images)
-        pyramid, _ = self.cpn.global_net(feats)
+        pyramid, _ = self.cpn.global_net(feats, self.cpn.modulation(types))
         heatmaps = self.cpn.refine_net(pyramid)
         if self.cpn.type_head is None:
             return heatmaps
         return heatmaps, self.cpn.type_head(feats[-1]).softmax(dim=1)
 
 
-def build_cpn(backbone: dict, num_keypoints: int, width: int, refine_upsample: str, num_types: int = 0) -> CPN:
-    """A CPN from its config values (``backbone``: name, pretrained, weights); ``num_types`` > 0 adds a type head."""
+def build_cpn(
+    backbone: dict,
+    num_keypoints: int,
+    width: int,
+    refine_upsample: str,
+    num_types: int = 0,
+    num_input_types: int = 0,
+) -> CPN:
+    """A CPN from its config values (``backbone``: name, pretrained, weights); ``num_types`` > 0 adds a type head
+    for that many garment types, ``num_input_types`` > 0 takes each photo's type, one of that many, as an input."""
     body = build_backbone(backbone["name"], backbone.get("pretrained", False), backbone.get("weights"))
-    return CPN(body, num_keypoints, width, refine_upsample, num_types)
+    return CPN(body, num_keypoints, width, refine_upsample, num_types, num_input_types)

@@ -43,8 +43,8 @@ class _ValidationRunner(TorchHeatmapRunner):
 
     first_output: CPNOutput | None = None
 
-    def network(self, x: torch.Tensor) -> CPNOutput:
-        output = self.model(x)
+    def network(self, x: torch.Tensor, types: torch.Tensor | None) -> CPNOutput:
+        output = self.model(x, types)
         if self.first_output is None and x.shape[-1] == self.input_size:  # not another test scale's
             self.first_output = output
         return output
@@ -61,6 +61,8 @@ class CPNModule(pl.LightningModule):
         codec: dict,
         loss: dict,
         optimizer: dict,
+        backbone_lr_factor: float,
+        decay_norms_and_biases: bool,
         scheduler: dict | None,
         scheduler_interval: str,
         flip_test: bool,
@@ -68,6 +70,7 @@ class CPNModule(pl.LightningModule):
         train_depthwise_in_fp32: bool,
         frozen_backbone_stages: int,
         type_head: bool,
+        garment_type_input: bool,
         two_pass: bool,
         crop_margin: float,
         test_scales: list[float],
@@ -75,10 +78,12 @@ class CPNModule(pl.LightningModule):
         super().__init__()
         hparams = dict(
             clothes=check_category(clothes, allow_all=True), backbone=backbone, input_size=input_size, width=width,
-            refine_upsample=refine_upsample, codec=codec, loss=loss, optimizer=optimizer, scheduler=scheduler,
-            scheduler_interval=scheduler_interval, flip_test=flip_test, channels_last=channels_last,
-            train_depthwise_in_fp32=train_depthwise_in_fp32, frozen_backbone_stages=frozen_backbone_stages,
-            type_head=type_head, two_pass=two_pass, crop_margin=crop_margin,
+            refine_upsample=refine_upsample, codec=codec, loss=loss, optimizer=optimizer,
+            backbone_lr_factor=float(backbone_lr_factor), decay_norms_and_biases=decay_norms_and_biases,
+            scheduler=scheduler, scheduler_interval=scheduler_interval, flip_test=flip_test,
+            channels_last=channels_last, train_depthwise_in_fp32=train_depthwise_in_fp32,
+            frozen_backbone_stages=frozen_backbone_stages,
+            type_head=type_head, garment_type_input=garment_type_input, two_pass=two_pass, crop_margin=crop_margin,
             test_scales=[float(s) for s in as_list(test_scales)],
         )  # fmt: skip
         self.save_hyperparameters({k: _plain(v) for k, v in hparams.items()})
@@ -94,11 +99,12 @@ class CPNModule(pl.LightningModule):
         self.val_types = MulticlassConfusionMatrix(len(CATEGORIES)) if self.model.type_head is not None else None
         self.last_val_types: dict[str, Any] | None = None
 
-    def forward(self, images: torch.Tensor) -> CPNOutput:
+    def forward(self, images: torch.Tensor, types: torch.Tensor | None = None) -> CPNOutput:
+        """``types``: the photos' garment-type indices, which a network with the garment-type input needs."""
         images = images.float()
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+        return self.model(images, types)
 
     def predictor(self) -> tuple[KeypointPredictor, _ValidationRunner]:
         """The deployed predictor over the network in training (flip test and test scales as configured, the codec's
@@ -112,7 +118,7 @@ class CPNModule(pl.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        output = self(batch["image"])
+        output = self(batch["image"], batch["category"])
         losses = self.loss(output, batch["target"], batch["weight"], batch.get("target_global"), batch["category"])
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
@@ -180,17 +186,26 @@ class CPNModule(pl.LightningModule):
             self._warning_filter = None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # the optimizer holds the parameters that train: a resumed run must freeze the same ones
-        frozen = checkpoint.get("hyper_parameters", {}).get("frozen_backbone_stages", 0)
-        if frozen != self.hparams.frozen_backbone_stages:
-            raise CheckpointError(
-                f"the checkpoint was trained with model.frozen_backbone_stages={frozen}: resume it with that value"
-            )
-        trained_with_head = bool(checkpoint.get("hyper_parameters", {}).get("type_head"))
+        saved = checkpoint.get("hyper_parameters", {})
+        # the optimizer holds the parameters that train, in groups with their own learning rates, restored as
+        # saved: a resumed run must freeze and group the same ones
+        grouping = (("frozen_backbone_stages", 0), ("backbone_lr_factor", 1.0), ("decay_norms_and_biases", True))
+        for key, default in grouping:
+            if saved.get(key, default) != self.hparams[key]:
+                raise CheckpointError(
+                    f"the checkpoint was trained with model.{key}={saved.get(key, default)}: resume it with that value"
+                )
+        trained_with_head = bool(saved.get("type_head"))
         if trained_with_head != (self.model.type_head is not None) and self.hparams.clothes == ALL:
             raise CheckpointError(
                 f"the checkpoint was trained {'with' if trained_with_head else 'without'} a garment-type head: "
                 f"resume it with model.type_head={str(trained_with_head).lower()}"
+            )
+        told = bool(saved.get("garment_type_input"))
+        if told != (self.model.type_input is not None):
+            raise CheckpointError(
+                f"the checkpoint was trained {'with' if told else 'without'} the garment-type input: resume it with "
+                f"model.garment_type_input={str(told).lower()}"
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -202,8 +217,29 @@ class CPNModule(pl.LightningModule):
             checkpoint["mean_shape"] = datamodule.mean_shape.tolist()
 
     # -- optimisation -------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """The parameters that train, in optimizer groups: the backbone's at ``backbone_lr_factor`` times the
+        learning rate, and the scales and shifts (batch norm's, the garment-type input's) and biases without weight
+        decay unless ``decay_norms_and_biases``. Empty groups are left out."""
+        hp = self.hparams
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                in_backbone = name.startswith("backbone.") and hp.backbone_lr_factor != 1
+                undecayed = (p.ndim <= 1 or name.startswith("type_input.")) and not hp.decay_norms_and_biases
+                groups.setdefault((in_backbone, undecayed), []).append(p)
+        out = []
+        for (in_backbone, undecayed), params in sorted(groups.items()):
+            group: dict[str, Any] = {"params": params}
+            if in_backbone:
+                group["lr"] = hp.optimizer["lr"] * hp.backbone_lr_factor
+            if undecayed:
+                group["weight_decay"] = 0.0
+            out.append(group)
+        return out
+
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer)(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameter_groups())
         if not self.hparams.scheduler:
             return optimizer
         make = instantiate(self.hparams.scheduler)
