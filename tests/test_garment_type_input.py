@@ -1,7 +1,7 @@
-"""model.garment_type_input: a clothes=all network told each photo's garment type, through training, validation,
-evaluate.py, ONNX (fp32 and int8) and the predictor's path for photos of an unknown type."""
+"""model.garment_type_input: a clothes=all network told each photo's garment type, through the network, ONNX (fp32
+and int8), the predictor's path for photos of an unknown type and resume (validation = evaluate.py for it:
+tests/test_one_path.py)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +9,9 @@ import onnx
 import pytest
 import torch
 from conftest import TINY, compose_train
-from hydra import compose, initialize_config_dir
 
-from fashionkp.config import CONFIG_DIR
 from fashionkp.data.images import load_image
-from fashionkp.evaluation.evaluate import evaluate
-from fashionkp.inference.checkpoint import CheckpointError, load_checkpoint
+from fashionkp.inference.checkpoint import CheckpointError
 from fashionkp.inference.export import export_onnx
 from fashionkp.inference.precision import calibration_photos, quantize_int8, type_input_nodes
 from fashionkp.inference.predictor import KeypointPredictor, OnnxHeatmapRunner, TorchHeatmapRunner
@@ -47,29 +44,12 @@ def test_the_type_input_starts_as_no_input_and_changes_the_heatmaps_not_the_type
 
 @pytest.fixture(scope="module")
 def told_types(synth_data, tmp_path_factory) -> dict:
-    """A clothes=all model trained told the types, two passes, validated at the end; its run folder's results."""
+    """A clothes=all model trained told the types, two passes (its validation equals evaluate.py's: test_one_path)."""
     run = tmp_path_factory.mktemp("told_types")
     cfg = compose_train([*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=2",
                          "model.garment_type_input=true", "model.two_pass=true", "augmentation.crop=0.5",
                          "validate_best=true", "data.val_fraction=0.3"], run)  # fmt: skip
     return {"run": run, "result": train(cfg)}
-
-
-def test_a_model_told_the_types_validates_as_evaluate_py_scores_it(told_types, synth_data, tmp_path):
-    result, run = told_types["result"], told_types["run"]
-    trained = load_checkpoint(result["best_checkpoint"])
-    assert trained.model.type_input is not None and trained.model.type_input.table.weight.abs().sum() > 0  # trained
-    best = json.loads((run / "val_ne_best.json").read_text())
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        eval_cfg = compose("evaluate", overrides=[
-            f"checkpoints=[{result['best_checkpoint']}]", f"data.root={synth_data['train']}", "data.val_fraction=0.3",
-            f"output_dir={tmp_path / 'eval'}", "backend=torch", "channels_last=false", "device=cpu",
-            "batch_size=4", "num_workers=0", "draw_worst=0", "round=true",
-        ])  # fmt: skip
-    scored = evaluate(eval_cfg).as_dict()
-    assert scored["counted"] == best["counted"]
-    assert scored["ne"] == pytest.approx(best["ne"], rel=1e-6, abs=1e-9)
-    assert scored["per_category"] == pytest.approx(best["per_category"], rel=1e-6, abs=1e-9)
 
 
 def test_a_model_told_the_types_exports_them_as_an_onnx_input_in_fp32_and_int8(told_types, synth_data, tmp_path):
