@@ -529,7 +529,6 @@ class KeypointPredictor:
         runner = member.runner
         told = None
         if takes_types(runner):
-            # a placeholder for a photo whose type is still to be told (any type: the type head reads the backbone)
             told = np.array([CATEGORY_ID[check_category(categories[i] or CATEGORIES[0])] for i in index])
         grid = input_size_at(runner.input_size, max(scales)) // runner.codec.stride
         heatmap_sum, type_sum, passes = None, None, 0
@@ -538,8 +537,8 @@ class KeypointPredictor:
             heatmaps, types = runner(inputs, told) if takes_types(runner) else runner(inputs)
             passes += 1
             if self.flip_test:
-                mirrored = _mirror(inputs)
-                mirrored, mirrored_types = runner(mirrored, told) if takes_types(runner) else runner(mirrored)
+                flipped = _mirror(inputs)
+                mirrored, mirrored_types = runner(flipped, told) if takes_types(runner) else runner(flipped)
                 heatmaps = 0.5 * (heatmaps + flip_back(mirrored, flip_permutation(runner.clothes)))
                 types = None if types is None else 0.5 * (types + mirrored_types)
             if heatmaps.shape[-1] != grid:
