@@ -527,18 +527,17 @@ class KeypointPredictor:
         A network with the garment-type input is told ``categories[i]`` of each photo (None, while the types are
         being told: any type, the type head reads the backbone alone)."""
         runner = member.runner
-        told = None
+        told = ()  # the runner's arguments after the images: the types, for a network that takes them
         if takes_types(runner):
-            told = np.array([CATEGORY_ID[check_category(categories[i] or CATEGORIES[0])] for i in index])
+            told = (np.array([CATEGORY_ID[check_category(categories[i] or CATEGORIES[0])] for i in index]),)
         grid = input_size_at(runner.input_size, max(scales)) // runner.codec.stride
         heatmap_sum, type_sum, passes = None, None, 0
         for scale in scales:
             inputs = batch.at(input_size_at(runner.input_size, scale), index)
-            heatmaps, types = runner(inputs, told) if takes_types(runner) else runner(inputs)
+            heatmaps, types = runner(inputs, *told)
             passes += 1
             if self.flip_test:
-                flipped = _mirror(inputs)
-                mirrored, mirrored_types = runner(flipped, told) if takes_types(runner) else runner(flipped)
+                mirrored, mirrored_types = runner(_mirror(inputs), *told)
                 heatmaps = 0.5 * (heatmaps + flip_back(mirrored, flip_permutation(runner.clothes)))
                 types = None if types is None else 0.5 * (types + mirrored_types)
             if heatmaps.shape[-1] != grid:
