@@ -60,6 +60,9 @@ def check_train_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not value > 0:
             raise ConfigError(key, value, "must be positive")
+    ema_decay = OmegaConf.select(cfg, "model.ema_decay")
+    if ema_decay is not None and (not isinstance(ema_decay, (int, float)) or not 0 < ema_decay < 1):
+        raise ConfigError("model.ema_decay", ema_decay, "must be between 0 and 1", "or null: no average")
     test_scales = as_list(cfg.model.test_scales)
     check_scales("model.test_scales", test_scales)
     if resolution not in [input_size_at(resolution, s) for s in test_scales]:

@@ -73,6 +73,26 @@ class CrashAtEpoch:
         return _Crash()
 
 
+class RecordWeights:
+    """A callback that saves the module's state after every optimizer step to ``path`` (a list of state dicts)."""
+
+    def __new__(cls, path: str):
+        import pytorch_lightning as pl
+        import torch
+
+        class _Record(pl.Callback):
+            def __init__(self):
+                self.steps: list[dict] = []
+
+            def on_train_batch_end(self, trainer, module, *args):
+                self.steps.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+            def on_train_end(self, trainer, module):
+                torch.save(self.steps, path)
+
+        return _Record()
+
+
 class KillAtStep:
     """A callback that kills its own process with SIGKILL after an optimizer step, as a power cut would:
     no exception handler, no atexit, no flush (for mid-epoch resume tests)."""

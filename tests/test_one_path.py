@@ -29,18 +29,19 @@ CLI_MODULES = {"fashionkp.commands", "fashionkp.cli", "fashionkp.demo"}
 
 
 @pytest.mark.parametrize(
-    ("two_pass", "test_scales", "type_input"),
-    [(False, [1.0], False), (True, [1.0], False), (False, [0.5, 1.0, 1.5], False), (True, [0.5, 1.0, 1.5], False),
-     (True, [1.0], True)],
+    ("two_pass", "test_scales", "type_input", "ema_decay"),
+    [(False, [1.0], False, None), (True, [1.0], False, None), (False, [0.5, 1.0, 1.5], False, None),
+     (True, [0.5, 1.0, 1.5], False, None), (True, [1.0], True, None), (True, [1.0], False, 0.9)],
 )  # fmt: skip
-def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pass, test_scales, type_input):
+def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pass, test_scales, type_input, ema_decay):
     """The NE that selects checkpoints is the deployed predictor's: both score the whole-pixel points a submission
     holds (rounded half to even), through the same KeypointPredictor, on the same split; with two passes and test
     scales too (evaluate.py follows the checkpoint's model.two_pass and model.test_scales), the network told each
-    photo's garment type too, and the type head's confusion matrix is the same."""
+    photo's garment type too, and with a moving average of the weights (validated and saved in their place); the
+    type head's confusion matrix is the same."""
     run = tmp_path / "run"
     passes = [f"model.two_pass={two_pass}", "augmentation.crop=0.5", f"model.test_scales={test_scales}",
-              f"model.garment_type_input={type_input}"]  # fmt: skip
+              f"model.garment_type_input={type_input}", f"model.ema_decay={ema_decay or 'null'}"]  # fmt: skip
     cfg = compose_train([*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=1",
                          "validate_best=true", "data.val_fraction=0.3", *passes], run)  # fmt: skip
     result = train(cfg)
@@ -59,6 +60,10 @@ def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pas
     assert result["best_val_ne"] == pytest.approx(scored["ne"], rel=1e-6)
     assert load_checkpoint(result["best_checkpoint"]).crop_margin == (0.15 if two_pass else None)
     assert load_checkpoint(result["best_checkpoint"]).scales == tuple(test_scales)
+    if ema_decay:  # validated and saved: the average, not the trained weights
+        saved = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=False)
+        trained = saved["current_model_state"]
+        assert any(not torch.allclose(v, trained[k]) for k, v in saved["state_dict"].items() if v.is_floating_point())
     if type_input:  # trained away from its zero start
         assert load_checkpoint(result["best_checkpoint"]).model.type_input.table.weight.abs().sum() > 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -133,9 +133,11 @@ def _state(ckpt_path: Path) -> dict:
     return torch.load(ckpt_path, map_location="cpu", weights_only=False)
 
 
-def test_resume_after_a_crash_is_exact(tmp_path, synth_data):
+@pytest.mark.parametrize("average", [[], ["model.ema_decay=0.9"]])
+def test_resume_after_a_crash_is_exact(tmp_path, synth_data, average):
+    """With an average of the weights too: the checkpoint's weights are the average, the trained ones beside it."""
     common = [*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=3",
-              "data.batch_size=2", "model.scheduler.warmup_steps=2"]  # fmt: skip
+              "data.batch_size=2", "model.scheduler.warmup_steps=2", *average]  # fmt: skip
     full = train(compose_train(common, tmp_path / "full"))
     crashed_dir = tmp_path / "crashed"
     crash = compose_train(
@@ -149,14 +151,50 @@ def test_resume_after_a_crash_is_exact(tmp_path, synth_data):
     resumed = train(compose_train([*common, f"ckpt_path={last}"], tmp_path / "resumed"))
     a, b = _state(Path(full["last_checkpoint"])), _state(Path(resumed["last_checkpoint"]))
     assert a["global_step"] == b["global_step"] == resumed["global_step"] == 12
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    weights = ["state_dict", "current_model_state"] if average else ["state_dict"]
+    assert ("current_model_state" in a) == ("current_model_state" in b) == bool(average)
+    for kind in weights:
+        for key, value in a[kind].items():
+            assert torch.allclose(value.float(), b[kind][key].float(), atol=1e-6), (kind, key)
     opt_a, opt_b = a["optimizer_states"][0], b["optimizer_states"][0]
     assert opt_a["param_groups"][0]["lr"] == pytest.approx(opt_b["param_groups"][0]["lr"])
     for k, s in opt_a["state"].items():
         assert torch.allclose(s["exp_avg"], opt_b["state"][k]["exp_avg"], atol=1e-6)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 12
     assert resumed["val_ne"] == pytest.approx(full["val_ne"], rel=1e-5)
+
+
+def test_an_ema_checkpoint_holds_the_moving_average_of_the_trained_weights(tmp_path, synth_data):
+    """model.ema_decay=0.75: the checkpoint's weights (and batch-norm statistics) are the average the decay makes of
+    the trained weights after each optimizer step, computed here by hand; the trained weights are saved beside them.
+    A resume must keep the same average, or none."""
+    common = [*TINY, "clothes=skirt", f"data.root={synth_data['train']}", "trainer.max_epochs=1", "data.batch_size=2",
+              "model.scheduler.warmup_steps=2"]  # fmt: skip
+    record = tmp_path / "steps.pt"
+    cfg = compose_train([*common, "model.ema_decay=0.75", "+callbacks.record._target_=conftest.RecordWeights",
+                         f"+callbacks.record.path={record}"], tmp_path / "run")  # fmt: skip
+    last = train(cfg)["last_checkpoint"]
+    steps = torch.load(record, weights_only=False)
+    assert len(steps) >= 3
+    average = dict(steps[0])
+    for step in steps[1:]:
+        average = {k: 0.75 * average[k] + 0.25 * step[k] if step[k].is_floating_point() else step[k] for k in step}
+    saved = _state(Path(last))
+    floats = [k for k, v in steps[-1].items() if v.is_floating_point()]
+    assert len(floats) > 100 and set(saved["state_dict"]) == set(steps[-1])
+    for key in floats:
+        assert torch.allclose(saved["state_dict"][key], average[key], atol=1e-6), key
+        assert torch.equal(saved["current_model_state"][key], steps[-1][key]), key
+    weights = [name for name, _ in build(cfg)[0].named_parameters()]
+    moved = [k for k in weights if not torch.allclose(average[k], steps[-1][k], atol=1e-4)]
+    assert len(moved) > 20  # the average is not the last weights
+    resume = [*common, "trainer.max_epochs=2", f"ckpt_path={last}"]
+    with pytest.raises(CheckpointError, match="trained with model.ema_decay=0.75: resume it with that value"):
+        train(compose_train(resume, tmp_path / "resumed"))
+    plain = train(compose_train(common, tmp_path / "plain"))["last_checkpoint"]
+    resume = [*common, "trainer.max_epochs=2", "model.ema_decay=0.75", f"ckpt_path={plain}"]
+    with pytest.raises(CheckpointError, match="trained with model.ema_decay=null: resume it with that value"):
+        train(compose_train(resume, tmp_path / "resumed_plain"))
 
 
 def test_frozen_backbone_stages_stay_as_pretrained_and_resume_only_as_trained(tmp_path, synth_data):

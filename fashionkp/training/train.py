@@ -174,7 +174,8 @@ def _fit(cfg: DictConfig, datamodule, module, loggers: list, output_dir: Path) -
     trainer = build_trainer(cfg, loggers, build_callbacks(cfg, with_logger=bool(loggers)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg.get("ckpt_path")))
     if "val/ne" not in trainer.callback_metrics and not trainer.interrupted:
-        # A run stopped before its last epoch's end (max_steps, max_time): validate the final weights, not report NaN.
+        # A run stopped before its last epoch's end (max_steps, max_time): validate the final weights (with
+        # model.ema_decay their average, which the fit's end leaves in the module), not report NaN.
         trainer.validate(module, datamodule=datamodule, verbose=False)
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
