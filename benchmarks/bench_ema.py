@@ -16,20 +16,16 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train_step import step_seconds  # noqa: E402
+from bench_train_step import build_cpn, step_seconds  # noqa: E402
 from common import median_seconds, print_table  # noqa: E402
 
 from fashionkp.inference.precision import cpu_features  # noqa: E402
-from fashionkp.models import CPN, build_backbone, make_depthwise_train_in_fp32  # noqa: E402
 
 BACKBONE, SIZE, WIDTH, FROZEN = "tf_efficientnet_lite0", 192, 128, 3
 
 
 def update_seconds(fused: bool, repeats: int) -> float:
-    model = CPN(build_backbone(BACKBONE), num_keypoints=24, width=WIDTH)
-    make_depthwise_train_in_fp32(model)
-    model.backbone.freeze_stages(FROZEN)
-    model = model.to(memory_format=torch.channels_last)
+    model = build_cpn(BACKBONE, WIDTH, channels_last=True, depthwise_fp32=True, frozen_stages=FROZEN)
     rule = {"multi_avg_fn": get_ema_multi_avg_fn(0.999)} if fused else {"avg_fn": get_ema_avg_fn(0.999)}
     average = AveragedModel(model, use_buffers=True, **rule)
     average.update_parameters(model)  # the first update copies; the timed ones average

@@ -30,6 +30,16 @@ FROZEN = (2, 3)
 LOSS = CPNLoss(pos_weight=20.0, ohkm_ratio=0.5, global_all_levels=True, global_weight=1.0, type_weight=0.1)
 
 
+def build_cpn(backbone: str, width: int, channels_last: bool, depthwise_fp32: bool, frozen_stages: int) -> CPN:
+    """The CPN a training step runs, as CPNModule sets it up (seeded, so every row times the same weights)."""
+    torch.manual_seed(0)
+    model = CPN(build_backbone(backbone), num_keypoints=24, width=width)
+    if depthwise_fp32:
+        make_depthwise_train_in_fp32(model)
+    model.backbone.freeze_stages(frozen_stages)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def step_seconds(
     backbone: str,
     size: int,
@@ -41,14 +51,9 @@ def step_seconds(
     depthwise_fp32: bool = False,
     frozen_stages: int = 0,
 ) -> float:
-    torch.manual_seed(0)
-    model = CPN(build_backbone(backbone), num_keypoints=24, width=width)
-    if depthwise_fp32:
-        make_depthwise_train_in_fp32(model)
-    model.backbone.freeze_stages(frozen_stages)
+    model = build_cpn(backbone, width, channels_last, depthwise_fp32, frozen_stages)
     x = torch.rand(batch, 3, size, size) * 255
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.rand(batch, 24, size // 4, size // 4)
     weight = torch.ones(batch, 24)
