@@ -73,6 +73,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("model.garment_type_input", True, f"a clothes={cfg.clothes.name} model serves one garment "
                           "type: there is no type to tell it (clothes=all)")  # fmt: skip
     check_two_passes(cfg)
+    check_erasing(cfg.get("augmentation"))
     check_sync_batchnorm(cfg.trainer)
     fraction = cfg.data.val_fraction
     if not cfg.data.get("val_root") and not 0 < fraction < 1:
@@ -86,6 +87,20 @@ def check_train_config(cfg: DictConfig) -> None:
     check_loggers(cfg)  # before the backbone: offline, the weights check would hide this one
     check_backbone(cfg.backbone)
     check_frozen_stages(cfg.backbone, cfg.model.frozen_backbone_stages)
+
+
+def check_erasing(augmentation: DictConfig | None) -> None:
+    """Random erasing: a share of the samples, a range of areas."""
+    if augmentation is None or "erase" not in augmentation:
+        return
+    erase = augmentation.erase
+    if not isinstance(erase, (int, float)) or not 0 <= erase <= 1:
+        raise ConfigError("augmentation.erase", erase, "the share of erased samples lies in [0, 1]")
+    area = augmentation.erase_area
+    valid = OmegaConf.is_list(area) and len(area) == 2 and all(isinstance(a, (int, float)) for a in area)
+    if not valid or not 0 < area[0] <= area[1] <= 1:
+        shown = list(area) if OmegaConf.is_list(area) else area
+        raise ConfigError("augmentation.erase_area", shown, "a range [low, high] with 0 < low <= high <= 1")
 
 
 def check_two_passes(cfg: DictConfig) -> None:

@@ -42,6 +42,12 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
         ("logger.wandb.offline=false", "logger.wandb.offline=False: online wandb needs an account on this machine"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path='/no/such.ckpt': no such checkpoint file or run folder"),
         ("augmentation.crop=1.5", "augmentation.crop=1.5: the share of crop samples lies in [0, 1]"),
+        ("augmentation.erase=1.5", "augmentation.erase=1.5: the share of erased samples lies in [0, 1]"),
+        ("augmentation.erase_area=0.1", "augmentation.erase_area=0.1: a range [low, high] with 0 < low <= high <= 1"),
+        (
+            "augmentation.erase_area=[0,0.2]",
+            "augmentation.erase_area=[0, 0.2]: a range [low, high] with 0 < low <= high <= 1",
+        ),
         (
             "augmentation.crop_margin=[0.3,0.1]",
             "augmentation.crop_margin=[0.3, 0.1]: a range [low, high] with 0 <= low <= high",

@@ -20,6 +20,7 @@ from fashionkp.data.keypoints import ALL, CATEGORIES, CATEGORY_ID, NUM_KEYPOINTS
 from fashionkp.data.split import split_records
 from fashionkp.data.transforms import (
     Augmentation,
+    erase_rectangle,
     letterbox_matrix,
     photometric,
     random_matrix,
@@ -85,6 +86,9 @@ class KeypointDataset(Dataset):
         if self.color is not None:
             self.color.set_random_seed(int(rng.integers(2**31)))
             sample_image = self.color(image=sample_image)["image"]
+        # drawn last, and not at all at erase=0: the samples of runs without erasing stay as they were
+        if self.augmentation is not None and self.augmentation.erase and rng.random() < self.augmentation.erase:
+            sample_image = erase_rectangle(sample_image, rng, self.augmentation.erase_area)
         gt = record.keypoints
         kp = transform_keypoints(gt[self.channels], matrix, flipped, self.clothes, size)
         targets = self.codec.encode(kp[:, :2], kp[:, 2], size)

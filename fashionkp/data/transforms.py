@@ -144,10 +144,16 @@ class Augmentation:
     #: Shift of a crop sample's centre drawn from +-``crop_jitter`` of its side, in x and y: the predictor's
     #: box comes from its own first pass, never exactly the annotated one.
     crop_jitter: float
+    #: Probability that a sample has one rectangle of its input erased (filled with noise); the points under it
+    #: keep their targets.
+    erase: float
+    #: Area of that rectangle drawn from [low, high], a fraction of the input.
+    erase_area: tuple[float, float]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(self.scale))
         object.__setattr__(self, "crop_margin", tuple(self.crop_margin))
+        object.__setattr__(self, "erase_area", tuple(self.erase_area))
 
 
 def random_matrix(
@@ -188,6 +194,27 @@ def transform_keypoints(keypoints: np.ndarray, m: np.ndarray, flipped: bool, clo
         out = out[list(flip_permutation(clothes))]
     outside = (out[:, 0] < -0.5) | (out[:, 1] < -0.5) | (out[:, 0] > size - 0.5) | (out[:, 1] > size - 0.5)
     out[outside & (out[:, 2] >= 0)] = (np.nan, np.nan, -1.0)
+    return out
+
+
+def erase_rectangle(image: np.ndarray, rng: np.random.Generator, area: tuple[float, float]) -> np.ndarray:
+    """Random erasing (Zhong et al., "Random Erasing Data Augmentation", AAAI 2020): one rectangle of an (S, S, 3)
+    input, its area a fraction drawn from ``area``, its aspect ratio log-uniform in [0.3, 1 / 0.3], filled with uniform
+    noise. Its points keep their targets, so the network learns to place hidden points from the garment around
+    them, as FashionAI's occluded points (v=0, counted by the metric) ask of it."""
+    size = image.shape[0]
+    aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+    pixels = rng.uniform(*area) * size * size
+    h, w = math.sqrt(pixels * aspect), math.sqrt(pixels / aspect)
+    # a side longer than the input is cut to it and the other grown, so that the area stays the one drawn
+    if h > size:
+        h, w = size, pixels / size
+    elif w > size:
+        h, w = pixels / size, size
+    h, w = max(1, round(h)), max(1, round(w))
+    top, left = int(rng.integers(size - h + 1)), int(rng.integers(size - w + 1))
+    out = image.copy()
+    out[top : top + h, left : left + w] = rng.integers(0, 256, (h, w, image.shape[2]), dtype=np.uint8)
     return out
 
 
