@@ -89,31 +89,43 @@ def check_train_config(cfg: DictConfig) -> None:
     check_frozen_stages(cfg.backbone, cfg.model.frozen_backbone_stages)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_share(key: str, value: object, what: str) -> None:
+    """A share of the samples: a number in [0, 1]."""
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ConfigError(key, value, f"the share of {what} lies in [0, 1]")
+
+
+def check_range(key: str, value: object, low_above_zero: bool, at_most: float | None = None) -> None:
+    """A range ``[low, high]`` of two numbers, 0 <= low (0 < low when ``low_above_zero``) <= high (<= ``at_most``)."""
+    rule = f"0 {'<' if low_above_zero else '<='} low <= high" + ("" if at_most is None else f" <= {at_most:g}")
+    if OmegaConf.is_list(value) and len(value) == 2 and all(map(_is_number, value)):
+        low, high = value
+        if (low > 0 if low_above_zero else low >= 0) and low <= high and (at_most is None or high <= at_most):
+            return
+    raise ConfigError(key, list(value) if OmegaConf.is_list(value) else value, f"a range [low, high] with {rule}")
+
+
 def check_erasing(augmentation: DictConfig | None) -> None:
     """Random erasing: a share of the samples, a range of areas."""
     if augmentation is None or "erase" not in augmentation:
         return
-    erase = augmentation.erase
-    if not isinstance(erase, (int, float)) or not 0 <= erase <= 1:
-        raise ConfigError("augmentation.erase", erase, "the share of erased samples lies in [0, 1]")
-    area = augmentation.erase_area
-    valid = OmegaConf.is_list(area) and len(area) == 2 and all(isinstance(a, (int, float)) for a in area)
-    if not valid or not 0 < area[0] <= area[1] <= 1:
-        shown = list(area) if OmegaConf.is_list(area) else area
-        raise ConfigError("augmentation.erase_area", shown, "a range [low, high] with 0 < low <= high <= 1")
+    check_share("augmentation.erase", augmentation.erase, "erased samples")
+    check_range("augmentation.erase_area", augmentation.erase_area, low_above_zero=True, at_most=1)
 
 
 def check_two_passes(cfg: DictConfig) -> None:
     """The crop samples of training and the crop pass of validation."""
     augmentation = cfg.get("augmentation")
     if augmentation is not None and "crop" in augmentation:
-        if not 0 <= augmentation.crop <= 1:
-            raise ConfigError("augmentation.crop", augmentation.crop, "the share of crop samples lies in [0, 1]")
-        low, high = augmentation.crop_margin
-        if not 0 <= low <= high:
-            raise ConfigError("augmentation.crop_margin", [low, high], "a range [low, high] with 0 <= low <= high")
-        if augmentation.crop_jitter < 0:
-            raise ConfigError("augmentation.crop_jitter", augmentation.crop_jitter, "must not be negative")
+        check_share("augmentation.crop", augmentation.crop, "crop samples")
+        check_range("augmentation.crop_margin", augmentation.crop_margin, low_above_zero=False)
+        jitter = augmentation.crop_jitter
+        if not _is_number(jitter) or jitter < 0:
+            raise ConfigError("augmentation.crop_jitter", jitter, "a number, not negative")
     if cfg.model.get("two_pass"):
         check_crop_margin("model.crop_margin", cfg.model.crop_margin)
         if augmentation is None or not augmentation.get("crop"):

@@ -42,6 +42,16 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
         ("logger.wandb.offline=false", "logger.wandb.offline=False: online wandb needs an account on this machine"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path='/no/such.ckpt': no such checkpoint file or run folder"),
         ("augmentation.crop=1.5", "augmentation.crop=1.5: the share of crop samples lies in [0, 1]"),
+        ("augmentation.crop=half", "augmentation.crop='half': the share of crop samples lies in [0, 1]"),
+        (
+            "augmentation.crop_margin=[0.1,0.2,0.3]",
+            "augmentation.crop_margin=[0.1, 0.2, 0.3]: a range [low, high] with 0 <= low <= high",
+        ),
+        ("augmentation.crop_jitter=wide", "augmentation.crop_jitter='wide': a number, not negative"),
+        (
+            "model.two_pass=true model.crop_margin=wide",
+            "model.crop_margin='wide': the crop margin is a fraction of the box's side, in [0, 2]",
+        ),
         ("augmentation.erase=1.5", "augmentation.erase=1.5: the share of erased samples lies in [0, 1]"),
         ("augmentation.erase_area=0.1", "augmentation.erase_area=0.1: a range [low, high] with 0 < low <= high <= 1"),
         (
