@@ -171,3 +171,39 @@ def test_frozen_stages_of_an_untrained_backbone_are_warned_about(caplog):
     check_frozen_stages(OmegaConf.create({**untrained, "pretrained": True}), 1)
     check_frozen_stages(untrained, 0)
     assert caplog.text == ""
+
+
+def test_upsampling_hands_its_backward_a_channels_last_gradient_and_changes_no_value(monkeypatch):
+    import torch.nn.functional as F
+
+    from fashionkp.models import cpn
+
+    torch.manual_seed(0)
+    ref = torch.zeros(2, 1, 16, 16)
+    xs = [torch.randn(2, 8, s, s).contiguous(memory_format=torch.channels_last).requires_grad_() for s in (8, 4, 2)]
+    grad = torch.randn(2, 24, 16, 16).contiguous(memory_format=torch.channels_last)
+
+    def gradients(upsample):
+        for x in xs:
+            x.grad = None
+        # as in RefineNet: upsampled maps concatenated, so each one's gradient arrives as a channel slice
+        torch.cat([upsample(x, ref) for x in xs], dim=1).backward(grad)
+        return [x.grad.clone() for x in xs]
+
+    plain = gradients(lambda x, r: F.interpolate(x, size=r.shape[-2:], mode="bilinear", align_corners=False))
+    layouts, interpolate = [], F.interpolate
+
+    def interpolate_seen(x, **kwargs):
+        y = interpolate(x, **kwargs)
+        if y.requires_grad:
+            y.register_hook(lambda g: layouts.append(g.is_contiguous(memory_format=torch.channels_last)))
+        return y
+
+    monkeypatch.setattr(cpn.F, "interpolate", interpolate_seen)
+    ours = gradients(cpn.upsample_to)
+    assert layouts == [True, True, True]  # plain interpolate's backward would get slices: not channels_last
+    for a, b in zip(plain, ours, strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # inference: the output of interpolate itself
+        plain_output = interpolate(xs[0], size=(16, 16), mode="bilinear", align_corners=False)
+        assert torch.equal(cpn.upsample_to(xs[0], ref), plain_output)
