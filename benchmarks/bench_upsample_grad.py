@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ def plain_upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def make_step(upsample) -> callable:
+def make_step(upsample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], float]:
     """One training step (forward, loss, backward, AdamW) of a fresh seeded model that upsamples with ``upsample``."""
     model = build_cpn(BACKBONE, WIDTH, channels_last=True, depthwise_fp32=True, frozen_stages=FROZEN)
     x = (torch.rand(BATCH, 3, SIZE, SIZE) * 255).contiguous(memory_format=torch.channels_last)

@@ -58,7 +58,7 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("heatmap.sigma", "heatmap.decode_sigma", "model.optimizer.lr", "model.backbone_lr_factor",
                 "data.batch_size"):  # fmt: skip
         value = OmegaConf.select(cfg, key)
-        if value is not None and not value > 0:
+        if value is not None and (not _is_number(value) or not value > 0):
             raise ConfigError(key, value, "must be positive")
     ema_decay = OmegaConf.select(cfg, "model.ema_decay")
     if ema_decay is not None and (not isinstance(ema_decay, (int, float)) or not 0 < ema_decay < 1):

@@ -69,6 +69,7 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
         ("model.test_scales=[0]", "model.test_scales=[0]: must be a list of positive factors"),
         ("model.frozen_backbone_stages=5", "model.frozen_backbone_stages=5: must be 0 to 4"),
         ("model.backbone_lr_factor=0", "model.backbone_lr_factor=0: must be positive"),
+        ("model.backbone_lr_factor=fast", "model.backbone_lr_factor='fast': must be positive"),
         ("model.ema_decay=1", "model.ema_decay=1: must be between 0 and 1 (or null: no average)"),
         (
             "clothes=skirt model.garment_type_input=true",

@@ -40,27 +40,15 @@ class Bottleneck(nn.Module):
         return F.relu(self.body(x) + self.skip(x))
 
 
-class _ChannelsLastGrad(torch.autograd.Function):
-    """The identity, whose gradient goes back contiguous in channels_last."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous(memory_format=torch.channels_last)
-
-
 def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     # align_corners=False keeps pixel centres consistent with the heatmap coordinate convention.
     y = F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
     # The CPU backward of bilinear upsampling is about 10x slower on a gradient that is not channels_last, such as
     # the channel slices torch.cat's backward hands RefineNet's upsampled maps: 15% of the CPU recipe's training
-    # step (benchmarks/bench_upsample_grad.py). Not when traced: ONNX export runs without it.
+    # step (benchmarks/bench_upsample_grad.py). A hook hands it the gradient in channels_last; not when traced.
     cpu_channels_last = y.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
     if y.requires_grad and cpu_channels_last and not torch.jit.is_tracing():
-        y = _ChannelsLastGrad.apply(y)
+        y.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
     return y
 
 
