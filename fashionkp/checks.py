@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from fashionkp.config import as_list, validation_needs_photos
+from fashionkp.config import as_list, is_number, validation_needs_photos
 from fashionkp.data.codec import DECODERS
 from fashionkp.data.fashionai import MISSING_IMAGE_MODES
 from fashionkp.data.keypoints import CATEGORIES
@@ -58,10 +58,10 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("heatmap.sigma", "heatmap.decode_sigma", "model.optimizer.lr", "model.backbone_lr_factor",
                 "data.batch_size"):  # fmt: skip
         value = OmegaConf.select(cfg, key)
-        if value is not None and (not _is_number(value) or not value > 0):
+        if value is not None and (not is_number(value) or not value > 0):
             raise ConfigError(key, value, "must be positive")
     ema_decay = OmegaConf.select(cfg, "model.ema_decay")
-    if ema_decay is not None and (not isinstance(ema_decay, (int, float)) or not 0 < ema_decay < 1):
+    if ema_decay is not None and (not is_number(ema_decay) or not 0 < ema_decay < 1):
         raise ConfigError("model.ema_decay", ema_decay, "must be between 0 and 1", "or null: no average")
     test_scales = as_list(cfg.model.test_scales)
     check_scales("model.test_scales", test_scales)
@@ -89,20 +89,16 @@ def check_train_config(cfg: DictConfig) -> None:
     check_frozen_stages(cfg.backbone, cfg.model.frozen_backbone_stages)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_share(key: str, value: object, what: str) -> None:
     """A share of the samples: a number in [0, 1]."""
-    if not _is_number(value) or not 0 <= value <= 1:
+    if not is_number(value) or not 0 <= value <= 1:
         raise ConfigError(key, value, f"the share of {what} lies in [0, 1]")
 
 
 def check_range(key: str, value: object, low_above_zero: bool, at_most: float | None = None) -> None:
     """A range ``[low, high]`` of two numbers, 0 <= low (0 < low when ``low_above_zero``) <= high (<= ``at_most``)."""
     rule = f"0 {'<' if low_above_zero else '<='} low <= high" + ("" if at_most is None else f" <= {at_most:g}")
-    if OmegaConf.is_list(value) and len(value) == 2 and all(map(_is_number, value)):
+    if OmegaConf.is_list(value) and len(value) == 2 and all(map(is_number, value)):
         low, high = value
         if (low > 0 if low_above_zero else low >= 0) and low <= high and (at_most is None or high <= at_most):
             return
@@ -124,7 +120,7 @@ def check_two_passes(cfg: DictConfig) -> None:
         check_share("augmentation.crop", augmentation.crop, "crop samples")
         check_range("augmentation.crop_margin", augmentation.crop_margin, low_above_zero=False)
         jitter = augmentation.crop_jitter
-        if not _is_number(jitter) or jitter < 0:
+        if not is_number(jitter) or jitter < 0:
             raise ConfigError("augmentation.crop_jitter", jitter, "a number, not negative")
     if cfg.model.get("two_pass"):
         check_crop_margin("model.crop_margin", cfg.model.crop_margin)

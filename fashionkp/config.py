@@ -15,6 +15,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 MAX_DIRNAME = 150
 
 
+def is_number(value: object) -> bool:
+    """An int or a float as a config value gives it: booleans are not numbers here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def short_dirname(name: str) -> str:
     """``name`` cut to :data:`MAX_DIRNAME` characters, with a hash of the whole so that cut names stay apart."""
     if len(name) <= MAX_DIRNAME:

@@ -14,6 +14,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from fashionkp.config import is_number
 from fashionkp.data.keypoints import flip_permutation
 from fashionkp.errors import ConfigError
 
@@ -54,7 +55,7 @@ def letterbox_matrix(height: int, width: int, size: int) -> np.ndarray:
 
 def check_crop_margin(key: str, margin: float) -> float:
     """``margin`` as a crop pass takes it (a fraction of the box's side on each side); ConfigError naming ``key``."""
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 2:
+    if not is_number(margin) or not 0 <= margin <= 2:
         raise ConfigError(key, margin, "the crop margin is a fraction of the box's side, in [0, 2]")
     return float(margin)
 
