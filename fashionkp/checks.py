@@ -18,7 +18,7 @@ from fashionkp.config import as_list, is_number, validation_needs_photos
 from fashionkp.data.codec import DECODERS
 from fashionkp.data.fashionai import MISSING_IMAGE_MODES
 from fashionkp.data.keypoints import CATEGORIES
-from fashionkp.data.transforms import check_crop_margin, input_size_at
+from fashionkp.data.transforms import check_crop_margin, check_crop_passes, input_size_at
 from fashionkp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ def check_two_passes(cfg: DictConfig) -> None:
             raise ConfigError("augmentation.crop_jitter", jitter, "a number, not negative")
     if cfg.model.get("two_pass"):
         check_crop_margin("model.crop_margin", cfg.model.crop_margin)
+        check_crop_passes("model.crop_passes", cfg.model.get("crop_passes", 1))
         if augmentation is None or not augmentation.get("crop"):
             log.warning("model.two_pass without crop samples (augmentation.crop=0): the crop pass sees garments "
                         "larger than the model was trained on")  # fmt: skip
@@ -266,6 +267,8 @@ def check_inference_config(cfg: DictConfig) -> None:
     for key in ("scales", "crop_scales"):
         if cfg.get(key) is not None:
             check_scales(key, as_list(cfg[key]))
+    if cfg.get("crop_passes") is not None:
+        check_crop_passes("crop_passes", cfg.crop_passes)
 
 
 def check_scales(key: str, scales: list) -> None:

@@ -29,19 +29,23 @@ CLI_MODULES = {"fashionkp.commands", "fashionkp.cli", "fashionkp.demo"}
 
 
 @pytest.mark.parametrize(
-    ("two_pass", "test_scales", "type_input", "ema_decay"),
-    [(False, [1.0], False, None), (True, [1.0], False, None), (False, [0.5, 1.0, 1.5], False, None),
-     (True, [0.5, 1.0, 1.5], False, None), (True, [1.0], True, None), (True, [1.0], False, 0.9)],
+    ("two_pass", "test_scales", "type_input", "ema_decay", "crop_passes"),
+    [(False, [1.0], False, None, 1), (True, [1.0], False, None, 1), (False, [0.5, 1.0, 1.5], False, None, 1),
+     (True, [0.5, 1.0, 1.5], False, None, 1), (True, [1.0], True, None, 1), (True, [1.0], False, 0.9, 1),
+     (True, [1.0], False, None, 2)],
 )  # fmt: skip
-def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pass, test_scales, type_input, ema_decay):
+def test_val_ne_of_a_checkpoint_equals_evaluate_py(
+    synth_data, tmp_path, two_pass, test_scales, type_input, ema_decay, crop_passes
+):
     """The NE that selects checkpoints is the deployed predictor's: both score the whole-pixel points a submission
     holds (rounded half to even), through the same KeypointPredictor, on the same split; with two passes and test
     scales too (evaluate.py follows the checkpoint's model.two_pass and model.test_scales), the network told each
-    photo's garment type too, and with a moving average of the weights (validated and saved in their place); the
-    type head's confusion matrix is the same."""
+    photo's garment type too, with two crop passes (model.crop_passes), and with a moving average of the weights
+    (validated and saved in their place); the type head's confusion matrix is the same."""
     run = tmp_path / "run"
     passes = [f"model.two_pass={two_pass}", "augmentation.crop=0.5", f"model.test_scales={test_scales}",
-              f"model.garment_type_input={type_input}", f"model.ema_decay={ema_decay or 'null'}"]  # fmt: skip
+              f"model.garment_type_input={type_input}", f"model.ema_decay={ema_decay or 'null'}",
+              f"model.crop_passes={crop_passes}"]  # fmt: skip
     cfg = compose_train([*TINY, "clothes=all", f"data.root={synth_data['train']}", "trainer.max_epochs=1",
                          "validate_best=true", "data.val_fraction=0.3", *passes], run)  # fmt: skip
     result = train(cfg)
@@ -60,6 +64,7 @@ def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pas
     assert result["best_val_ne"] == pytest.approx(scored["ne"], rel=1e-6)
     assert load_checkpoint(result["best_checkpoint"]).crop_margin == (0.15 if two_pass else None)
     assert load_checkpoint(result["best_checkpoint"]).scales == tuple(test_scales)
+    assert load_checkpoint(result["best_checkpoint"]).crop_passes == crop_passes
     if ema_decay:  # validated and saved: the average, not the trained weights
         saved = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=False)
         trained = saved["current_model_state"]
@@ -68,6 +73,7 @@ def test_val_ne_of_a_checkpoint_equals_evaluate_py(synth_data, tmp_path, two_pas
         assert load_checkpoint(result["best_checkpoint"]).model.type_input.table.weight.abs().sum() > 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["scales"] == test_scales and metrics["crop_scales"] == (test_scales if two_pass else None)
+    assert metrics["crop_passes"] == (crop_passes if two_pass else 0)
     assert metrics["garment_types"] == best["garment_types"]
     assert result["best_type_accuracy"] == best["garment_types"]["accuracy"]
 
@@ -275,6 +281,51 @@ def test_two_passes_recover_a_perfect_models_points_exactly(scales, crop_scales)
     # (within 1%: the crop is placed from pass 1's points, a tenth of a pixel off the true ones)
     assert all(min(abs(z / e - 1) for e in expected) < 0.01 for z in seen)
     assert all(min(abs(z / e - 1) for z in seen) < 0.01 for e in expected)
+
+
+class ShiftingOracle(CoordinateOracle):
+    """A CoordinateOracle whose answers on crops (not on the letterbox) are off by ``shifts[k]`` photo pixels on the
+    k-th crop pass (its plain and mirrored inputs alike), so that each crop pass's own points can be told apart."""
+
+    def __init__(self, photo_points: np.ndarray, input_size: int, letterbox_side: float, shifts: list[float]):
+        super().__init__(photo_points, input_size)
+        self.truth, self.letterbox_zoom = photo_points, input_size / letterbox_side
+        self.shifts, self.crop_calls = shifts, 0
+
+    def __call__(self, inputs):
+        zoom = 1 / np.hypot(*self._input_to_photo(np.asarray(inputs)[0])[:, 0])  # input pixels per photo pixel
+        shift = 0.0
+        if abs(zoom / self.letterbox_zoom - 1) > 0.01:  # a crop
+            shift = self.shifts[self.crop_calls // 2]  # (the plain input, then the mirrored one)
+            self.crop_calls += 1
+        self.points = self.truth + shift
+        return super().__call__(inputs)
+
+
+def test_crop_passes_each_look_around_the_previous_points_and_are_averaged():
+    """crop_passes=2: a second crop pass around the first crop pass's points, the two passes' points averaged. An
+    oracle 2 px off one way on the first crop and 2 px the other way on the second: each crop pass alone is 2 px off,
+    their average exact; the second crop is centred on the first crop pass's points (2 px off the first crop's)."""
+    h, w, clothes = 240, 200, "skirt"
+    own = list(CATEGORY_KEYPOINTS[clothes])
+    truth = np.full((NUM_KEYPOINTS, 2), np.nan)
+    truth[own] = np.c_[np.linspace(70, 130, len(own)), np.linspace(60, 160, len(own))]
+    image = CoordinateOracle.photo(h, w)
+    oracle = ShiftingOracle(truth, 96, 240, [2.0, -2.0])
+    points = KeypointPredictor([oracle], flip_test=True, two_pass=True, crop_margin=0.2, crop_passes=2).predict(
+        image, clothes
+    )
+    assert oracle.crop_calls == 4  # two crop passes, each plain and mirrored
+    assert np.abs(points[own, :2] - truth[own]).max() < 0.25
+    # the three frames (letterbox, first crop, second crop) of the plain inputs: the second crop's centre follows the
+    # first crop pass's points, 2 px off in x and y
+    centres = [to_photo @ [47.5, 47.5, 1] for to_photo in oracle.frames[::2]]  # each input's centre in the photo
+    np.testing.assert_allclose(centres[1] + 2.0, centres[2], atol=0.3)
+    one = ShiftingOracle(truth, 96, 240, [2.0])
+    alone = KeypointPredictor([one], flip_test=True, two_pass=True, crop_margin=0.2).predict(image, clothes)
+    assert one.crop_calls == 2 and np.abs(alone[own, :2] - (truth[own] + 2.0)).max() < 0.25
+    with pytest.raises(ConfigError, match=r"crop_passes=0: the number of crop passes"):
+        KeypointPredictor([one], two_pass=True, crop_margin=0.2, crop_passes=0)
 
 
 def test_a_dedicated_crop_pass_model_sees_only_the_crops_and_gives_the_points():

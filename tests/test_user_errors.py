@@ -66,6 +66,10 @@ def test_a_typo_in_the_decoder_is_refused_in_seconds(tmp_path, synth_data):
             "model.two_pass=true model.crop_margin=5",
             "model.crop_margin=5: the crop margin is a fraction of the box's side, in [0, 2]",
         ),
+        (
+            "model.two_pass=true model.crop_passes=0",
+            "model.crop_passes=0: the number of crop passes after the first, a whole number from 1",
+        ),
         ("model.test_scales=[0]", "model.test_scales=[0]: must be a list of positive factors"),
         ("model.frozen_backbone_stages=5", "model.frozen_backbone_stages=5: must be 0 to 4"),
         ("model.backbone_lr_factor=0", "model.backbone_lr_factor=0: must be positive"),
@@ -157,6 +161,7 @@ def _predict_args(tiny_checkpoints, synth_data, tmp_path, *extra) -> list[str]:
             ["two_pass=true", "crop_margin=-1"],
             "crop_margin=-1: the crop margin is a fraction of the box's side, in [0, 2]",
         ),
+        (["crop_passes=two"], "crop_passes='two': the number of crop passes after the first, a whole number from 1"),
     ],
 )
 def test_prediction_mistakes_get_one_line(extra, line, tiny_checkpoints, synth_data, tmp_path, monkeypatch, capsys):

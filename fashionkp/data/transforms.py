@@ -60,6 +60,13 @@ def check_crop_margin(key: str, margin: float) -> float:
     return float(margin)
 
 
+def check_crop_passes(key: str, passes: int) -> int:
+    """``passes`` as a predictor takes it (a whole number of crop passes, at least 1); ConfigError naming ``key``."""
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ConfigError(key, passes, "the number of crop passes after the first, a whole number from 1")
+    return passes
+
+
 def crop_frame(points: np.ndarray, margin: float, height: int, width: int) -> tuple[float, float, float]:
     """The square frame around ``points`` ((K, 2), NaN ignored) that the crop pass looks at: the points' box,
     its long side grown by ``margin`` of it on each side, centred on the box; never larger than the

@@ -129,6 +129,7 @@ def evaluate(cfg: DictConfig) -> NEResult:
         "decoders": sorted({predictor.codec_of(m).decoder for m in [*predictor.members, *predictor.fine_members]}),
         "scales": list(predictor.scales),
         "crop_scales": list(predictor.crop_scales) if two_pass else None,
+        "crop_passes": predictor.crop_passes,
     }
     write_outputs(cfg, out_dir, records, pred, result, run.failures, setup, types)
     log.info("NE %.4f%% on %d images -> %s", 100 * result.ne, len(records), out_dir)

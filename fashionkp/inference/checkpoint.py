@@ -51,6 +51,8 @@ class TrainedModel:
     crop_margin: float | None = None
     #: The test scales the model is predicted at unless told otherwise (``model.test_scales``).
     scales: tuple[float, ...] = DEFAULT_TEST_SCALES
+    #: How many crop passes follow the first (``model.crop_passes``), each around the previous one's points.
+    crop_passes: int = 1
 
 
 def build_codec(codec: dict[str, Any], stride: int) -> HeatmapCodec:
@@ -124,4 +126,5 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     mean_shape = np.asarray(ckpt["mean_shape"], dtype=np.float64) if "mean_shape" in ckpt else None
     crop_margin = float(hparams["crop_margin"]) if hparams.get("two_pass") else None
     return TrainedModel(model.eval(), codec, hparams["clothes"], hparams["input_size"], mean_shape, str(path),
-                        crop_margin=crop_margin, scales=test_scales_of(hparams))  # fmt: skip
+                        crop_margin=crop_margin, scales=test_scales_of(hparams),
+                        crop_passes=int(hparams.get("crop_passes", 1)))  # fmt: skip

@@ -15,8 +15,8 @@ from fashionkp.inference.precision import set_info
 from fashionkp.models import HeatmapModel
 
 #: Version of what `export_onnx` writes (2: the codec in the metadata; 3: the crop margin and the garment-type
-#: output); part of the cache key of exported files.
-EXPORT_FORMAT = 3
+#: output; 4: the number of crop passes); part of the cache key of exported files.
+EXPORT_FORMAT = 4
 DYNAMIC_AXES = {
     "images": {0: "batch", 2: "height", 3: "width"},
     "heatmaps": {0: "batch", 2: "h", 3: "w"},
@@ -51,7 +51,8 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Pat
         "format": EXPORT_FORMAT, "clothes": trained.clothes, "input_size": trained.input_size,
         "codec": trained.codec.config(),
         "backbone": trained.model.backbone.name, "checkpoint": str(checkpoint), "mean_shape": mean_shape,
-        "crop_margin": trained.crop_margin, "test_scales": list(trained.scales), "precision": "fp32",
+        "crop_margin": trained.crop_margin, "crop_passes": trained.crop_passes, "test_scales": list(trained.scales),
+        "precision": "fp32",
     }  # fmt: skip
     set_info(proto, info)
     onnx.save(proto, str(out))

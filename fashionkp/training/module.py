@@ -82,6 +82,7 @@ class CPNModule(pl.LightningModule):
         garment_type_input: bool,
         two_pass: bool,
         crop_margin: float,
+        crop_passes: int,
         test_scales: list[float],
     ) -> None:
         super().__init__()
@@ -94,7 +95,7 @@ class CPNModule(pl.LightningModule):
             channels_last=channels_last, train_depthwise_in_fp32=train_depthwise_in_fp32,
             frozen_backbone_stages=frozen_backbone_stages,
             type_head=type_head, garment_type_input=garment_type_input, two_pass=two_pass, crop_margin=crop_margin,
-            test_scales=[float(s) for s in as_list(test_scales)],
+            crop_passes=crop_passes, test_scales=[float(s) for s in as_list(test_scales)],
         )  # fmt: skip
         self.save_hyperparameters({k: _plain(v) for k, v in hparams.items()})
         self.model, self.codec = build_model(self.hparams)
@@ -122,7 +123,8 @@ class CPNModule(pl.LightningModule):
         hp = self.hparams
         crop_margin = hp.crop_margin if hp.two_pass else None
         trained = TrainedModel(self.model, self.codec, hp.clothes, hp.input_size, None, "<training>",
-                               crop_margin=crop_margin, scales=tuple(hp.test_scales))  # fmt: skip
+                               crop_margin=crop_margin, scales=tuple(hp.test_scales),
+                               crop_passes=hp.crop_passes)  # fmt: skip
         runner = _ValidationRunner(trained, channels_last=hp.channels_last)
         return KeypointPredictor([runner], flip_test=hp.flip_test), runner
 
