@@ -36,6 +36,12 @@ def test_scales_of(saved: dict) -> tuple[float, ...]:
     return tuple(float(s) for s in saved.get("test_scales") or DEFAULT_TEST_SCALES)
 
 
+def crop_passes_of(saved: dict) -> int:
+    """The crop passes a checkpoint's hyper-parameters or an ONNX file's metadata hold (``crop_passes``); one for
+    files saved before they were."""
+    return int(saved.get("crop_passes") or 1)
+
+
 @dataclass
 class TrainedModel:
     """What inference needs of a checkpoint."""
@@ -127,4 +133,4 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     crop_margin = float(hparams["crop_margin"]) if hparams.get("two_pass") else None
     return TrainedModel(model.eval(), codec, hparams["clothes"], hparams["input_size"], mean_shape, str(path),
                         crop_margin=crop_margin, scales=test_scales_of(hparams),
-                        crop_passes=int(hparams.get("crop_passes", 1)))  # fmt: skip
+                        crop_passes=crop_passes_of(hparams))  # fmt: skip
