@@ -1,6 +1,7 @@
 """Latency per photo of the two-pass predictor beside one pass, at one test scale and at the model's own
-(``model.test_scales``): the CPU default path (onnxruntime, fp32), batch 1, 2 threads, flip test on, from the
-decoded photo to its points (warping, every network pass, decoding), medians over the photos.
+(``model.test_scales``), with one crop pass and with the model's own (``model.crop_passes``): the CPU default
+path (onnxruntime, fp32), batch 1, 2 threads, flip test on, from the decoded photo to its points (warping, every
+network pass, decoding), medians over the photos.
 
     python benchmarks/bench_two_pass.py [CHECKPOINT] [--photos DIR] [--n 40] [--quick] [--override KEY=VALUE ...]
 
@@ -73,10 +74,12 @@ def main() -> None:
         checkpoint = args.checkpoint or recipe_checkpoint(Path(tmp), args.override)
         images = photos(args.photos, 8 if args.quick else args.n)
         rows, one_pass = [], None
-        # (two passes, test scales): None is the model's own
-        for two_pass, scales in ((False, [1.0]), (True, [1.0]), (True, None)):
+        # (two passes, test scales, crop passes): None is the model's own
+        for two_pass, scales, crop_passes in ((False, [1.0], None), (True, [1.0], 1), (True, None, 1),
+                                              (True, None, None)):  # fmt: skip
             predictor = KeypointPredictor([checkpoint], device="cpu", backend="onnx", onnx_threads=2,
-                                          precision="fp32", two_pass=two_pass, scales=scales)  # fmt: skip
+                                          precision="fp32", two_pass=two_pass, scales=scales,
+                                          crop_passes=crop_passes)  # fmt: skip
             predictor.predict(*images[0])  # warm-up: the export to the cache, first-call allocations
             times = []
             for image, category in images:
@@ -85,8 +88,10 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             median = statistics.median(times)
             one_pass = one_pass or median
-            name = "two passes (crop)" if two_pass else "one pass"
+            passes = predictor.crop_passes
+            name = f"whole photo + {passes} crop pass{'es' if passes > 1 else ''}" if two_pass else "one pass"
             whose = " (the model's)" if scales is None else ""
+            name += " (the model's)" if two_pass and crop_passes is None else ""
             rows.append({"predictor": f"{name}, test scales {'/'.join(map(str, predictor.scales))}{whose}",
                          "ms per photo (median)": f"{1000 * median:.1f}",
                          "x one pass": f"{median / one_pass:.2f}"})  # fmt: skip
