@@ -124,7 +124,7 @@ def check_two_passes(cfg: DictConfig) -> None:
             raise ConfigError("augmentation.crop_jitter", jitter, "a number, not negative")
     if cfg.model.get("two_pass"):
         check_crop_margin("model.crop_margin", cfg.model.crop_margin)
-        check_crop_passes("model.crop_passes", cfg.model.get("crop_passes", 1))
+        check_crop_passes("model.crop_passes", cfg.model.crop_passes)
         if augmentation is None or not augmentation.get("crop"):
             log.warning("model.two_pass without crop samples (augmentation.crop=0): the crop pass sees garments "
                         "larger than the model was trained on")  # fmt: skip
