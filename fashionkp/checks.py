@@ -128,6 +128,9 @@ def check_two_passes(cfg: DictConfig) -> None:
         if augmentation is None or not augmentation.get("crop"):
             log.warning("model.two_pass without crop samples (augmentation.crop=0): the crop pass sees garments "
                         "larger than the model was trained on")  # fmt: skip
+    elif cfg.model.crop_passes != 1:  # 1, the model config's own, says nothing
+        log.warning("model.crop_passes=%s: ignored, the model predicts in one pass (model.two_pass=true adds the "
+                    "crop passes)", cfg.model.crop_passes)  # fmt: skip
     needs_photos = validation_needs_photos(cfg.model.get("two_pass"), cfg.model.test_scales)
     if needs_photos and not cfg.data.get("keep_val_photos"):
         raise ConfigError(

@@ -328,6 +328,18 @@ def test_crop_passes_each_look_around_the_previous_points_and_are_averaged():
         KeypointPredictor([one], two_pass=True, crop_margin=0.2, crop_passes=0)
 
 
+def test_crop_passes_without_the_crop_pass_are_warned_about(caplog):
+    """crop_passes= on a one-pass predictor changes nothing: said, and no crop pass runs."""
+    truth = np.full((NUM_KEYPOINTS, 2), np.nan)
+    truth[list(CATEGORY_KEYPOINTS["skirt"])] = 100.0
+    oracle = ShiftingOracle(truth, 96, 240, [2.0, -2.0])
+    predictor = KeypointPredictor([oracle], two_pass=False, crop_passes=2)
+    assert predictor.crop_passes == 0
+    assert "crop_passes=2: ignored, the models run one pass" in caplog.text
+    predictor.predict(CoordinateOracle.photo(240, 200), "skirt")
+    assert oracle.crop_calls == 0
+
+
 def test_a_dedicated_crop_pass_model_sees_only_the_crops_and_gives_the_points():
     """fine_checkpoints: pass 1 (a coarse model, its points 3 px off) finds the crop, the fine model alone looks at
     it and its points come back exactly; without it the crop pass runs the coarse model again."""

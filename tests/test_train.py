@@ -94,6 +94,17 @@ def test_two_passes_without_crop_samples_are_warned_about(tmp_path, synth_data, 
     assert "model.two_pass without crop samples (augmentation.crop=0)" in caplog.text
 
 
+def test_crop_passes_without_the_crop_pass_are_warned_about(tmp_path, synth_data, caplog):
+    """model.crop_passes with model.two_pass=false changes nothing: said, rather than silently ignored."""
+    from fashionkp.checks import check_train_config
+
+    base = [*TINY, f"data.root={synth_data['train']}", "model.crop_passes=2"]
+    check_train_config(compose_train([*base, "model.two_pass=true"], tmp_path))
+    assert "ignored" not in caplog.text
+    check_train_config(compose_train([*base, "model.two_pass=false"], tmp_path))
+    assert "model.crop_passes=2: ignored, the model predicts in one pass" in caplog.text
+
+
 FAST_RUNS = [o for o in EVERY_OPTION if o.startswith(("experiment=", "ablation="))]
 
 

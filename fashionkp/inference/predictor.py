@@ -430,6 +430,9 @@ class KeypointPredictor:
         if crop_scales and self.crop_margin is None:
             log.warning("crop_scales=%s: ignored, the models run one pass (two_pass=true adds the crop pass)",
                         list(crop_scales))  # fmt: skip
+        if crop_passes is not None and self.crop_margin is None:
+            log.warning("crop_passes=%s: ignored, the models run one pass (two_pass=true adds the crop passes)",
+                        crop_passes)  # fmt: skip
         if self.fine_members is not self.members:
             if self.crop_margin is None:
                 raise ConfigError("fine_checkpoints", self.model_names_of(self.fine_members),
