@@ -83,26 +83,26 @@ def test_old_option_names_still_work_with_a_warning(tmp_path, synth_data, caplog
     assert "augmentation=seed is deprecated: use augmentation=flip_rotate" in warned
 
 
-def test_two_passes_without_crop_samples_are_warned_about(tmp_path, synth_data, caplog):
-    """A model that never saw crops would look at crops in validation: allowed (the crop_none ablation), said."""
+@pytest.mark.parametrize(
+    ("quiet", "warned", "message"),
+    [
+        # a model that never saw crops would look at crops in validation: allowed (the crop_none ablation), said
+        (["model.two_pass=true", "augmentation.crop=0.5"], ["model.two_pass=true", "augmentation.crop=0.0"],
+         "model.two_pass without crop samples (augmentation.crop=0)"),
+        # model.crop_passes without the crop pass changes nothing: said, rather than silently ignored
+        (["model.crop_passes=2", "model.two_pass=true"], ["model.crop_passes=2", "model.two_pass=false"],
+         "model.crop_passes=2: ignored, the model predicts in one pass"),
+    ],
+)  # fmt: skip
+def test_two_pass_settings_that_do_not_fit_together_are_warned_about(quiet, warned, message, tmp_path, synth_data,
+                                                                    caplog):  # fmt: skip
     from fashionkp.checks import check_train_config
 
-    base = [*TINY, f"data.root={synth_data['train']}", "model.two_pass=true"]
-    check_train_config(compose_train([*base, "augmentation.crop=0.5"], tmp_path))
-    assert "without crop samples" not in caplog.text
-    check_train_config(compose_train([*base, "augmentation.crop=0.0"], tmp_path))
-    assert "model.two_pass without crop samples (augmentation.crop=0)" in caplog.text
-
-
-def test_crop_passes_without_the_crop_pass_are_warned_about(tmp_path, synth_data, caplog):
-    """model.crop_passes with model.two_pass=false changes nothing: said, rather than silently ignored."""
-    from fashionkp.checks import check_train_config
-
-    base = [*TINY, f"data.root={synth_data['train']}", "model.crop_passes=2"]
-    check_train_config(compose_train([*base, "model.two_pass=true"], tmp_path))
-    assert "ignored" not in caplog.text
-    check_train_config(compose_train([*base, "model.two_pass=false"], tmp_path))
-    assert "model.crop_passes=2: ignored, the model predicts in one pass" in caplog.text
+    base = [*TINY, f"data.root={synth_data['train']}"]
+    check_train_config(compose_train([*base, *quiet], tmp_path))
+    assert message not in caplog.text
+    check_train_config(compose_train([*base, *warned], tmp_path))
+    assert message in caplog.text
 
 
 FAST_RUNS = [o for o in EVERY_OPTION if o.startswith(("experiment=", "ablation="))]
